@@ -1,0 +1,138 @@
+"""The ``compress`` command line.
+
+    compress MODEL --method METHOD --data SPEC --out OUT.onnx [options]
+    compress compare A.report.json B.report.json [...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from exporters import report as reporting
+
+from .errors import CompressError
+from .train import LR_SCHEDULES, TrainConfig
+
+METHODS = ("lobster", "sensitivity", "magnitude", "none")
+
+
+class _ModelFirstGroup(click.Group):
+    """A group whose default command is ``run``: ``compress MODEL ...`` == ``compress run MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage("compress", "MODEL --method METHOD --data SPEC --out OUT.onnx [OPTIONS]\n"
+                              "       compress COMMAND [ARGS]...")
+
+
+@click.group(cls=_ModelFirstGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compress-toolchain", prog_name="compress")
+def cli() -> None:
+    """Prune a PyTorch model, make it small for real, export verified ONNX, and report its footprint.
+
+    Run `compress run --help` (or `compress MODEL --help`) for the options of the main job.
+    """
+
+
+@cli.command("run")
+@click.argument("model")
+@click.option("--method", type=click.Choice(METHODS), default="lobster", show_default=True,
+              help="Pruning method; `none` trains (if asked) and exports dense: the baseline.")
+@click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
+              help="digits | mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:DIR] | npz:FILE")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .onnx file.")
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs. Default 20; 0 for `--method none` on an already trained checkpoint.")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--nesterov", is_flag=True, help="Use Nesterov momentum.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="plateau", show_default=True,
+              help="plateau: ReduceLROnPlateau on validation loss (x0.1 after --lr-patience epochs); cosine; constant.")
+@click.option("--lr-patience", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation, data split and batch order.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of the training set held out for validation.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where checkpoints go (last.pt every epoch, best.pt). Default: OUT's name + .work/")
+@click.option("--resume", is_flag=True, help="Continue from WORKDIR/last.pt.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Report path. Default: OUT with .report.json (and .report.md).")
+@click.option("--save-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also save the final model as a checkpoint that `compress` accepts as MODEL.")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="Allow MODEL to be a whole pickled nn.Module. Unpickling can run arbitrary code: only for files you trust.")
+@click.option("--lambda", "lmbda", type=float, default=1e-4, show_default=True,
+              help="Regularizer strength: p <- p - lambda * p * max(0, 1 - S) every step (not scaled by --lr).")
+@click.option("--pwe", type=int, default=5, show_default=True,
+              help="Plateau waiting epochs: prune after this many epochs without a 1 % validation-loss improvement.")
+@click.option("--twt", type=float, default=0.05, show_default=True,
+              help="Threshold worsening tolerance: a prune may raise the validation loss by this factor.")
+@click.option("--max-error-increase", type=float, default=0.005, show_default=True,
+              help="Validation error may exceed the best pre-pruning error by at most this much (0.005 = 0.5 points).")
+@click.option("--target-sparsity", type=float, default=None, help="Stop once this share of prunable parameters is zero (e.g. 0.98).")
+@click.option("--exact-sensitivity", is_flag=True,
+              help="sensitivity method: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def run_command(model: str, method: str, data_spec: str, out: Path, epochs: int | None, lr: float, momentum: float,
+                nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int,
+                val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
+                save_checkpoint: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
+                max_error_increase: float, target_sparsity: float | None, exact_sensitivity: bool,
+                opset: int, quiet: bool) -> None:
+    """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
+    from .methods import PruningConfig
+    from .pipeline import Job, run  # heavy imports only when there is work to do
+
+    pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
+                            target_sparsity=target_sparsity, exact=exact_sensitivity)
+    config = TrainConfig(epochs=20 if epochs is None else epochs, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, batch_size=batch_size, lr_schedule=lr_schedule,
+                         plateau_patience=lr_patience, seed=seed, device=device)
+    job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
+              val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path,
+              save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
+              progress=not quiet and sys.stderr.isatty())
+    run(job, log=lambda msg: click.echo(msg, err=True))
+
+
+@cli.command("compare")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "md", "json"]), default="text", show_default=True)
+def compare_command(reports: tuple[Path, ...], fmt: str) -> None:
+    """Side-by-side table of REPORTS (.report.json files), with ratios against the first."""
+    header, rows = reporting.compare(reports)
+    click.echo(reporting.render_table(header, rows, fmt), nl=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except CompressError as exc:
+        click.echo(f"compress: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("compress: interrupted; rerun with --resume to continue from the last checkpoint", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("compress: interrupted; rerun with --resume to continue from the last checkpoint", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

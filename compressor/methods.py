@@ -1,0 +1,174 @@
+"""Pruning methods as training plugins: a regularizer plus the shared threshold schedule.
+
+``lobster``      LOBSTER regularizer (loss sensitivity) + plateau/bisection thresholding
+``sensitivity``  output-sensitivity regularizer (Tartaglione et al. 2018) + the same schedule
+``magnitude``    no regularizer (plain SGD, L2 weight decay) + the same schedule: iterative
+                 global magnitude pruning with fine-tuning between prunes (Han et al. 2015)
+``none``         plain training; no plugin
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+from .masks import Masks, prunable_parameters
+from .regularizers import LOBSTER, OutputSensitivity, SensitivityRegularizer
+from .thresholding import PlateauDetector, find_threshold
+
+UNSTRUCTURED = ("lobster", "sensitivity", "magnitude")
+
+
+@dataclass
+class PruningConfig:
+    """Settings shared by the unstructured methods. Defaults work on MNIST-sized problems."""
+
+    lmbda: float = 1e-4               # shrink strength per step (not scaled by the learning rate)
+    pwe: int = 5                      # plateau: epochs without > 1 % validation-loss improvement
+    twt: float = 0.05                 # threshold search: validation loss may grow by this factor
+    max_error_increase: float = 0.005 # validation error may exceed the pre-pruning one by this much (absolute)
+    target_sparsity: float | None = None  # stop once this share of prunable parameters is zero
+    exact: bool = False               # output sensitivity: exact per-class form instead of the bound
+    stall_limit: int = 5              # stop after this many plateaus in a row that pruned nothing
+
+    def validate(self) -> None:
+        if self.lmbda < 0:
+            raise CompressError(f"--lambda must be >= 0, got {self.lmbda}")
+        if self.pwe < 1:
+            raise CompressError(f"--pwe must be >= 1, got {self.pwe}")
+        if self.twt < 0:
+            raise CompressError(f"--twt must be >= 0, got {self.twt}")
+        if self.max_error_increase < 0:
+            raise CompressError(f"--max-error-increase must be >= 0, got {self.max_error_increase}")
+        if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
+            raise CompressError(f"--target-sparsity must be in (0, 1), got {self.target_sparsity}")
+
+
+class ThresholdPruning:
+    """Training plugin: shrink with ``regularizer`` every step; prune at validation plateaus."""
+
+    def __init__(self, name: str, config: PruningConfig) -> None:
+        config.validate()
+        self.name = name
+        self.config = config
+        self.detector = PlateauDetector(config.pwe)
+        self.reference_error: float | None = None
+        self.stalled = 0
+        self.prunes = 0
+        self.masks: Masks | None = None
+        self.regularizer: SensitivityRegularizer | None = None
+        self.model: nn.Module | None = None
+
+    # -- wiring ------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        named = prunable_parameters(model)
+        self.masks = Masks(named)
+        self.masks.update_from_zeros()  # entries already zero in a given checkpoint stay pruned
+        if self.name == "lobster":
+            self.regularizer = LOBSTER(named, self.config.lmbda, self.masks)
+        elif self.name == "sensitivity":
+            self.regularizer = OutputSensitivity(named, self.config.lmbda, self.masks, exact=self.config.exact)
+
+    def after_forward(self, output: torch.Tensor) -> None:
+        if self.regularizer is not None:
+            self.regularizer.observe(output)
+
+    def after_step(self) -> None:
+        if self.regularizer is not None:
+            self.regularizer.step()  # re-applies the masks
+        else:
+            self.masks.apply()
+
+    # -- schedule ------------------------------------------------------------------------------
+    def sparsity(self) -> float:
+        return self.masks.sparsity()
+
+    def error_cap(self) -> float:
+        return math.inf if self.reference_error is None else self.reference_error + self.config.max_error_increase
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {"threshold": None}
+        if self.detector.update(metrics["val_loss"], self.model):
+            extra.update(self._prune(trainer, metrics))
+        extra["sparsity"] = self.sparsity()
+        extra["weight_sparsity"] = self.masks.sparsity(weights_only=True)
+        return extra
+
+    def _prune(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+        self.model.load_state_dict(self.detector.best_state)  # back to the plateau's best point
+        ref_loss, ref_err = trainer.evaluate(trainer.data.val)
+        if self.reference_error is None:
+            # The error allowance is anchored to the best model before any pruning, so
+            # that it does not compound from prune to prune.
+            seen = [m["val_error"] for m in trainer.history] + [metrics["val_error"], ref_err]
+            self.reference_error = min(seen)
+        search = find_threshold(
+            self.masks,
+            lambda: trainer.evaluate(trainer.data.val),
+            max_loss=(1 + self.config.twt) * ref_loss,
+            max_error=self.error_cap(),
+        )
+        self.detector.reset()
+        self.prunes += 1
+        self.stalled = 0 if search.pruned else self.stalled + 1
+        test_loss, test_err = trainer.evaluate(trainer.data.test)
+        return {
+            "threshold": search.threshold,
+            "pruned_now": search.pruned,
+            "val_loss": search.val_loss,
+            "val_error": search.val_error,
+            "test_loss": test_loss,
+            "test_error": test_err,
+            "restart_lr_plateau": True,
+        }
+
+    def selection_key(self, metrics: dict[str, Any]) -> tuple[float, ...] | None:
+        """The sparsest model whose validation error is within the allowed increase wins."""
+        if metrics["val_error"] > self.error_cap():
+            return None
+        return (-round(metrics.get("sparsity", 0.0), 6), metrics["val_error"], metrics["val_loss"])
+
+    def should_stop(self) -> str | None:
+        target = self.config.target_sparsity
+        if target is not None and self.sparsity() >= target:
+            return f"target sparsity {100 * target:.2f} % reached"
+        if self.stalled >= self.config.stall_limit:
+            return f"{self.stalled} plateaus in a row pruned nothing within the tolerance"
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": self.masks.state_dict(),
+            "detector": self.detector.state_dict(),
+            "reference_error": self.reference_error,
+            "stalled": self.stalled,
+            "prunes": self.prunes,
+            "regularizer": self.regularizer.state_dict() if self.regularizer else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.detector.load_state_dict(state["detector"])
+        self.reference_error = state["reference_error"]
+        self.stalled = int(state["stalled"])
+        self.prunes = int(state["prunes"])
+        if self.regularizer is not None and state.get("regularizer"):
+            self.regularizer.load_state_dict(state["regularizer"])
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+
+def make(method: str, config: PruningConfig | None = None) -> ThresholdPruning | None:
+    """The training plugin for ``method`` (None for ``none``)."""
+    if method == "none":
+        return None
+    if method in UNSTRUCTURED:
+        return ThresholdPruning(method, config or PruningConfig())
+    raise CompressError(f"unknown method {method!r}; choose one of none, {', '.join(UNSTRUCTURED)}")

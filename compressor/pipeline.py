@@ -1,0 +1,193 @@
+"""The end-to-end job behind ``compress MODEL``: load -> train/prune -> export -> measure -> report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from exporters import onnx_export, report as reporting
+
+from . import checkpoint
+from .atomic import check_writable
+from .data import Dataset, load_dataset
+from .errors import CompressError
+from .loading import LoadedModel, load_model
+from .masks import model_sparsity
+from .methods import PruningConfig, make as make_method
+from .train import Trainer, TrainConfig, evaluate
+
+PARITY_SAMPLES = 256
+
+
+@dataclass
+class Job:
+    """Everything one ``compress MODEL ...`` invocation needs."""
+
+    model: str
+    out: Path
+    method: str = "none"
+    data: str = "digits"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    epochs_given: bool = True
+    val_fraction: float = 0.1
+    workdir: Path | None = None
+    resume: bool = False
+    report: Path | None = None
+    save_checkpoint: Path | None = None
+    allow_unsafe_pickle: bool = False
+    opset: int = onnx_export.DEFAULT_OPSET
+    progress: bool = True
+
+    def report_path(self) -> Path:
+        return self.report or reporting.default_path(self.out)
+
+    def work_path(self) -> Path:
+        return self.workdir or self.out.with_name(self.out.stem + ".work")
+
+
+def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole job; returns the report that was written next to ``job.out``."""
+    timings: dict[str, float] = {}
+    if job.out.suffix.lower() != ".onnx":
+        raise CompressError(f"--out must end in .onnx, got {job.out}")
+    for target in (job.out, job.report_path(), job.save_checkpoint):
+        if target is not None:
+            check_writable(target)  # fail now, not after an hour of training
+
+    t0 = time.perf_counter()
+    data = load_dataset(job.data, seed=job.train.seed, val_fraction=job.val_fraction)
+    loaded = load_model(job.model, data, allow_unsafe_pickle=job.allow_unsafe_pickle)
+    timings["load_s"] = time.perf_counter() - t0
+    log(f"model {loaded.name} ({loaded.source}), data {data.name}: "
+        f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test, input {tuple(data.input_shape)}, {data.num_classes} classes")
+
+    config = job.train
+    if not job.epochs_given and job.method == "none" and loaded.trained:
+        config.epochs = 0  # a trained model with nothing to do: export it as it is
+    torch.manual_seed(config.seed)
+
+    t0 = time.perf_counter()
+    plugin = make_method(job.method, job.pruning)
+    trainer = Trainer(loaded.model, data, config, workdir=job.work_path(), plugin=plugin, progress=job.progress, log=log)
+    result = None
+    if job.resume and not trainer.resume():
+        log(f"--resume: nothing to resume in {job.work_path()}, starting from scratch")
+    if config.epochs > trainer.epoch:
+        result = trainer.fit()
+        trainer.model.load_state_dict(result.best_state)
+        log(f"kept the epoch-{result.best_epoch} model: validation error {100 * result.best_val_error:.2f} %, "
+            f"sparsity {100 * model_sparsity(trainer.model):.2f} %")
+    model = trainer.model.cpu().eval()
+    timings["train_s"] = time.perf_counter() - t0
+
+    if job.save_checkpoint is not None:
+        if loaded.source == "pickle":
+            raise CompressError("--save-checkpoint needs a zoo architecture; a pickled module cannot be re-saved as a checkpoint")
+        checkpoint.save_model(job.save_checkpoint, model, arch=loaded.name, input_shape=data.input_shape, num_classes=data.num_classes)
+        log(f"saved checkpoint {job.save_checkpoint}")
+
+    t0 = time.perf_counter()
+    exported = export_verified(model, data, job.out, opset=job.opset, log=log)
+    timings["export_s"] = time.perf_counter() - t0
+
+    rep = build_report(job, loaded, data, model, trainer, result, exported, timings)
+    json_path, md_path = reporting.write(rep, job.report_path())
+    log(f"wrote {job.out} ({exported['file_bytes']:,} bytes), {json_path}, {md_path}")
+    return rep
+
+
+def export_verified(model: torch.nn.Module, data: Dataset, out: Path, *, opset: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Export, check, verify parity in onnxruntime, measure ORT accuracy, then write ``out``."""
+    proto = onnx_export.to_onnx(model, data.test.x[:2], opset=opset)
+    onnx_export.check(proto)
+    sess = onnx_export.session(proto)
+    parity = onnx_export.verify(model, sess, data.test.x[:PARITY_SAMPLES])
+    log(f"onnxruntime vs PyTorch on {parity.samples} test inputs: max abs difference {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g})")
+    if not parity.ok:
+        raise onnx_export.ExportError(
+            f"onnxruntime disagrees with PyTorch: max abs difference {parity.max_abs_diff:.3g} > {parity.tolerance:.3g}; nothing was written"
+        )
+    onnx_accuracy = onnx_export.accuracy(sess, data.test.x, data.test.y)
+    files = onnx_export.save(proto, out)
+    return {
+        "file_bytes": sum(f.stat().st_size for f in files),
+        "files": [str(f) for f in files],
+        "opset": opset,
+        "parity": parity,
+        "onnx_accuracy": onnx_accuracy,
+    }
+
+
+def build_report(
+    job: Job,
+    loaded: LoadedModel,
+    data: Dataset,
+    model: torch.nn.Module,
+    trainer: Trainer,
+    result: Any,
+    exported: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    total, nonzero = reporting.count_params(model)
+    sparsity = model_sparsity(model)
+    _, test_error = evaluate(model, data.test)
+    _, val_error = evaluate(model, data.val)
+    parity = exported["parity"]
+    return {
+        "schema": reporting.SCHEMA,
+        "created": reporting.now(),
+        "command": reporting.command_line(),
+        "versions": reporting.versions(),
+        "model": {
+            "name": loaded.name,
+            "source": loaded.source,
+            "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes,
+        },
+        "method": {"name": job.method, "settings": plugin_settings(job)},
+        "data": {
+            "spec": job.data,
+            "name": data.name,
+            "seed": job.train.seed,
+            "train_size": len(data.train),
+            "val_size": len(data.val),
+            "test_size": len(data.test),
+            "test_fingerprint": data.test.fingerprint(),
+        },
+        "training": {
+            "config": asdict(job.train),
+            "epochs": trainer.epoch,
+            "best_epoch": result.best_epoch if result else None,
+            "stopped_because": result.stopped_because if result else "no training requested",
+            "wall_seconds": result.wall_seconds if result else 0.0,
+            "history": trainer.history,
+        },
+        "size": {
+            "file_bytes": exported["file_bytes"],
+            "files": [Path(f).name for f in exported["files"]],
+            "opset": exported["opset"],
+            "dense_fp32_bytes": 4 * total,
+            "params_total": total,
+            "params_nonzero": nonzero,
+            "prunable_sparsity": sparsity,
+        },
+        "layers": reporting.layer_table(model),
+        "quality": {
+            "onnx_test_accuracy": exported["onnx_accuracy"],
+            "torch_test_accuracy": 1.0 - test_error,
+            "val_accuracy": 1.0 - val_error,
+            "max_abs_diff": parity.max_abs_diff,
+            "parity_tolerance": parity.tolerance,
+            "parity_samples": parity.samples,
+        },
+        "timings": timings,
+    }
+
+
+def plugin_settings(job: Job) -> dict[str, Any]:
+    return {} if job.method == "none" else asdict(job.pruning)

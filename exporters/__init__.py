@@ -1,0 +1,1 @@
+"""Exporters: verified ONNX export and the footprint report."""
