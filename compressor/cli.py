@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def cli() -> None:
               help="sensitivity method: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def run_command(model: str, method: str, data_spec: str, out: Path, epochs: int | None, lr: float, momentum: float,
+@click.pass_context
+def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out: Path, epochs: int | None, lr: float, momentum: float,
                 nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int,
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
@@ -101,7 +103,7 @@ def run_command(model: str, method: str, data_spec: str, out: Path, epochs: int 
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
               val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path,
               save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
-              progress=not quiet and sys.stderr.isatty())
+              progress=not quiet and sys.stderr.isatty(), command=_command_line(ctx))
     run(job, log=lambda msg: click.echo(msg, err=True))
 
 
@@ -114,10 +116,16 @@ def compare_command(reports: tuple[Path, ...], fmt: str) -> None:
     click.echo(reporting.render_table(header, rows, fmt), nl=False)
 
 
+def _command_line(ctx: click.Context) -> str:
+    argv = (ctx.find_root().obj or {}).get("argv", sys.argv[1:])
+    return shlex.join(["compress", *argv])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        cli.main(args=argv, prog_name="compress", standalone_mode=False, obj={"argv": argv})
     except CompressError as exc:
         click.echo(f"compress: error: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -19,10 +19,8 @@ import hashlib
 import http.client
 import logging
 import math
-import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -465,23 +463,32 @@ def _load_cifar10(spec: str, directory: Path, download: bool, seed: int, val_fra
     location = _cifar_location(directory)
     missing = [f for f in _CIFAR_FILES if not (location / f).is_file()]
     if missing:
-        wanted = f"{', '.join(_CIFAR_FILES)} (from {_CIFAR_ARCHIVE})"
+        wanted = f"{', '.join(_CIFAR_FILES)} (or {_CIFAR_ARCHIVE} itself)"
         pickled = (directory / "cifar-10-batches-py").is_dir() or (directory / "data_batch_1").is_file()
         note = (
             "; found the pickled Python version, which is not read because unpickling can run arbitrary code"
             if pickled else ""
         )
-        if not download:
+        local_archive = directory / _CIFAR_ARCHIVE
+        if local_archive.is_file():
+            # An archive the user put there is extracted as is (it may be a repack, so no
+            # md5); the record structure of every batch file is still checked below.
+            try:
+                location = _extract_cifar(local_archive, directory)
+            except _DownloadFailed as exc:
+                raise CompressError(f"{exc}; replace {local_archive} with the official {_CIFAR_ARCHIVE}") from None
+        elif not download:
             raise CompressError(
                 f"cifar10 files not found in {directory} (missing {', '.join(missing)}){note} and downloading is disabled; "
                 f"put {wanted} into {directory} or allow downloading"
             )
-        try:
-            location = _download_cifar(directory)
-        except _DownloadFailed as exc:
-            raise CompressError(
-                f"cifar10 files not found in {directory}{note} and download failed ({exc}); put {wanted} into {directory}"
-            ) from None
+        else:
+            try:
+                location = _download_cifar(directory)
+            except _DownloadFailed as exc:
+                raise CompressError(
+                    f"cifar10 files not found in {directory}{note} and download failed ({exc}); put {wanted} into {directory}"
+                ) from None
     train_parts = [_read_cifar_file(location / f) for f in _CIFAR_TRAIN]
     train_x = np.concatenate([p[0] for p in train_parts])
     train_y = np.concatenate([p[1] for p in train_parts])
@@ -692,9 +699,16 @@ def _fetch(name: str, directory: Path, filename: str) -> Path:
 
 
 def _download_cifar(directory: Path) -> Path:
-    """Download the binary CIFAR-10 archive and extract just the six batch files."""
+    """Download the binary CIFAR-10 archive (md5-checked) and extract the six batch files."""
     archive = _fetch_verified("cifar10", directory, _CIFAR_ARCHIVE, directory / _CIFAR_ARCHIVE,
                               lambda p: _verify("cifar10", _CIFAR_ARCHIVE, p))
+    target = _extract_cifar(archive, directory)
+    archive.unlink(missing_ok=True)
+    return target
+
+
+def _extract_cifar(archive: Path, directory: Path) -> Path:
+    """Extract just the six batch files of ``archive`` into ``directory/cifar-10-batches-bin``."""
     target = directory / _CIFAR_DIR
     try:
         target.mkdir(exist_ok=True)
@@ -702,16 +716,17 @@ def _download_cifar(directory: Path) -> Path:
             for filename in _CIFAR_FILES:
                 # Only the expected member names are read, and we choose the output path
                 # ourselves, so a hostile archive cannot write anywhere else (no extractall).
-                member = tar.getmember(f"{_CIFAR_DIR}/{filename}")
+                wanted = f"{_CIFAR_DIR}/{filename}"
+                try:
+                    member = tar.getmember(wanted)
+                except KeyError:
+                    raise _DownloadFailed(f"{archive.name} lacks {wanted}") from None
                 if not member.isfile():
-                    raise _DownloadFailed(f"{_CIFAR_ARCHIVE} member {member.name} is not a regular file")
+                    raise _DownloadFailed(f"{archive.name} member {member.name} is not a regular file")
                 source = tar.extractfile(member)
                 assert source is not None
                 with source, atomic_path(target / filename) as tmp, open(tmp, "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
-    except KeyError as exc:
-        raise _DownloadFailed(f"{_CIFAR_ARCHIVE} lacks {exc.args[0]}") from None
     except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
-        raise _DownloadFailed(f"cannot extract {_CIFAR_ARCHIVE}: {_one_line(exc)}") from None
-    archive.unlink(missing_ok=True)
+        raise _DownloadFailed(f"cannot extract {archive}: {_one_line(exc)}") from None
     return target

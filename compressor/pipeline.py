@@ -42,6 +42,7 @@ class Job:
     allow_unsafe_pickle: bool = False
     opset: int = onnx_export.DEFAULT_OPSET
     progress: bool = True
+    command: str = ""
 
     def report_path(self) -> Path:
         return self.report or reporting.default_path(self.out)
@@ -53,6 +54,8 @@ class Job:
 def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole job; returns the report that was written next to ``job.out``."""
     timings: dict[str, float] = {}
+    job.train.validate()
+    job.pruning.validate()
     if job.out.suffix.lower() != ".onnx":
         raise CompressError(f"--out must end in .onnx, got {job.out}")
     for target in (job.out, job.report_path(), job.save_checkpoint):
@@ -141,7 +144,7 @@ def build_report(
     return {
         "schema": reporting.SCHEMA,
         "created": reporting.now(),
-        "command": reporting.command_line(),
+        "command": job.command or reporting.command_line(),
         "versions": reporting.versions(),
         "model": {
             "name": loaded.name,
