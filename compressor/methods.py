@@ -95,19 +95,18 @@ class ThresholdPruning:
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"threshold": None}
         if self.detector.update(metrics["val_loss"], self.model):
-            extra.update(self._prune(trainer, metrics))
+            extra.update(self._prune(trainer))
         extra["sparsity"] = self.sparsity()
         extra["weight_sparsity"] = self.masks.sparsity(weights_only=True)
         return extra
 
-    def _prune(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    def _prune(self, trainer: Any) -> dict[str, Any]:
         self.model.load_state_dict(self.detector.best_state)  # back to the plateau's best point
         ref_loss, ref_err = trainer.evaluate(trainer.data.val)
         if self.reference_error is None:
-            # The error allowance is anchored to the best model before any pruning, so
-            # that it does not compound from prune to prune.
-            seen = [m["val_error"] for m in trainer.history] + [metrics["val_error"], ref_err]
-            self.reference_error = min(seen)
+            # The error allowance is anchored to the model at the first plateau, so that it
+            # does not compound from prune to prune the way a loss bound alone does.
+            self.reference_error = ref_err
         search = find_threshold(
             self.masks,
             lambda: trainer.evaluate(trainer.data.val),

@@ -40,6 +40,7 @@ class TrainConfig:
     plateau_patience: int = 10
     seed: int = 0
     device: str = "auto"
+    max_seconds: float | None = None   # wall-clock budget for this call to fit()
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -330,6 +331,8 @@ class Trainer:
                 checkpoint.save({"state_dict": self.best_state, "epoch": self.epoch}, self.workdir / "best.pt")
             self.log(format_epoch(metrics, cfg.epochs))
             reason = self.plugin.should_stop() if self.plugin is not None else None
+            if reason is None and cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
+                reason = f"time budget of {cfg.max_seconds:.0f} s reached"
             if reason:
                 stopped = reason
                 break

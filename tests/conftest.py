@@ -44,6 +44,12 @@ def tiny_data() -> Dataset:
     return make_dataset()
 
 
+@pytest.fixture
+def synthetic():
+    """The :func:`make_dataset` factory, for tests that need several datasets."""
+    return make_dataset
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code, self.out, self.err = code, out, err

@@ -1,0 +1,107 @@
+"""The training loop: exact resume, checkpoints, selection, divergence, and the pruning plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from compressor import checkpoint
+from compressor.errors import CompressError
+from compressor.masks import model_sparsity
+from compressor.methods import PruningConfig, make
+from compressor.train import Trainer, TrainConfig, TrainingDiverged
+
+
+
+def _mlp(data) -> nn.Module:
+    torch.manual_seed(0)
+    return models.build("lenet300", data.input_shape, data.num_classes)
+
+
+@pytest.mark.parametrize("method", ["none", "lobster", "sensitivity", "magnitude"])
+def test_resume_continues_exactly(method: str, tmp_path: Path, synthetic) -> None:
+    data = synthetic(n=96)
+    cfg = dict(lr=0.05, momentum=0.9, batch_size=16, seed=3)
+    prune = PruningConfig(pwe=1, lmbda=1e-3)
+
+    straight = Trainer(_mlp(data), data, TrainConfig(epochs=4, **cfg), workdir=tmp_path / "a", plugin=make(method, prune), progress=False, log=lambda s: None)
+    straight.fit()
+
+    first = Trainer(_mlp(data), data, TrainConfig(epochs=2, **cfg), workdir=tmp_path / "b", plugin=make(method, prune), progress=False, log=lambda s: None)
+    first.fit()
+    resumed = Trainer(_mlp(data), data, TrainConfig(epochs=4, **cfg), workdir=tmp_path / "b", plugin=make(method, prune), progress=False, log=lambda s: None)
+    assert resumed.resume() and resumed.epoch == 2
+    resumed.fit()
+
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [h["val_loss"] for h in straight.history] == [h["val_loss"] for h in resumed.history]
+
+
+def test_checkpoints_are_written_every_epoch(tmp_path: Path, synthetic) -> None:
+    data = synthetic()
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=2, batch_size=16), workdir=tmp_path, progress=False, log=lambda s: None)
+    trainer.fit()
+    state = checkpoint.load_safely(tmp_path / "last.pt")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert "state_dict" in checkpoint.load_safely(tmp_path / "best.pt")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_refuses_other_data(tmp_path: Path, synthetic) -> None:
+    data = synthetic(seed=0)
+    Trainer(_mlp(data), data, TrainConfig(epochs=1, batch_size=16), workdir=tmp_path, progress=False, log=lambda s: None).fit()
+    other = synthetic(seed=1)
+    trainer = Trainer(_mlp(other), other, TrainConfig(epochs=2, batch_size=16), workdir=tmp_path, progress=False, log=lambda s: None)
+    with pytest.raises(CompressError, match="different data"):
+        trainer.resume()
+
+
+def test_divergence_raises_and_keeps_last_good_state(tmp_path: Path, synthetic) -> None:
+    data = synthetic()
+    model = _mlp(data)
+    trainer = Trainer(model, data, TrainConfig(epochs=1, batch_size=16), workdir=tmp_path, progress=False, log=lambda s: None)
+    trainer.fit()
+    good = checkpoint.load_safely(tmp_path / "last.pt")["model"]
+    with torch.no_grad():
+        model.fc1.weight.fill_(float("nan"))
+    trainer.config.epochs = 3
+    with pytest.raises(TrainingDiverged, match="diverged.*last.pt"):
+        trainer.fit()
+    kept = checkpoint.load_safely(tmp_path / "last.pt")["model"]
+    torch.testing.assert_close(kept["fc1.weight"], good["fc1.weight"])
+
+
+def test_time_budget_stops_training(synthetic) -> None:
+    data = synthetic()
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=1000, batch_size=16, max_seconds=0.0), progress=False, log=lambda s: None)
+    result = trainer.fit()
+    assert trainer.epoch == 1 and "time budget" in result.stopped_because
+
+
+@pytest.mark.parametrize("method", ["lobster", "sensitivity", "magnitude"])
+def test_pruning_plugins_prune_at_plateaus_and_keep_zeros(method: str, synthetic) -> None:
+    data = synthetic(n=96)
+    model = _mlp(data)
+    plugin = make(method, PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-3))
+    trainer = Trainer(model, data, TrainConfig(epochs=20, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None)
+    trainer.fit()
+    assert any(h["threshold"] for h in trainer.history)
+    assert model_sparsity(model) > 0.3
+    # the masks and the zeros agree: nothing pruned has come back
+    for _, p, mask in plugin.masks:
+        assert torch.all(p[~mask] == 0)
+    sparsities = [h["sparsity"] for h in trainer.history]
+    assert sparsities == sorted(sparsities)
+
+
+def test_target_sparsity_stops_training(synthetic) -> None:
+    data = synthetic(n=96)
+    plugin = make("magnitude", PruningConfig(pwe=1, twt=1.0, max_error_increase=1.0, target_sparsity=0.2))
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=50, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None)
+    result = trainer.fit()
+    assert "target sparsity" in result.stopped_because and trainer.epoch < 50
