@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from compressor import checkpoint  # noqa: E402
+from compressor.cli import default_recipe  # noqa: E402
 from compressor.data import load_dataset  # noqa: E402
 from compressor.masks import prunable_parameters  # noqa: E402
 from compressor.methods import PruningConfig, make  # noqa: E402
@@ -48,10 +49,10 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint instead of from scratch")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--epochs", type=int, default=10_000)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--lr-schedule", default="plateau")
+    ap.add_argument("--lr", type=float, default=None, help="default: the CLI's recipe for the method")
+    ap.add_argument("--momentum", type=float, default=None)
+    ap.add_argument("--weight-decay", type=float, default=None)
+    ap.add_argument("--lr-schedule", default=None)
     ap.add_argument("--lr-patience", type=int, default=10)
     ap.add_argument("--lmbda", type=float, default=1e-4)
     ap.add_argument("--pwe", type=int, default=5)
@@ -61,6 +62,9 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
     args = ap.parse_args()
+    for key, value in default_recipe(args.method).items():
+        if key != "epochs" and getattr(args, key) is None:
+            setattr(args, key, value)
 
     torch.set_num_threads(1)  # two runs share the 2-core machine
     data = load_dataset(args.data, seed=args.seed)

@@ -50,14 +50,16 @@ def cli() -> None:
               help="digits | mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:DIR] | npz:FILE")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .onnx file.")
 @click.option("--epochs", type=int, default=None,
-              help="Training epochs. Default 20; 0 for `--method none` on an already trained checkpoint.")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate.")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
+              help="Training epochs. Default: 100 for pruning methods, 20 for `none` "
+                   "(0 for `none` on an already trained checkpoint: export only).")
+@click.option("--lr", type=float, default=None, help="SGD learning rate. Default: 0.1 for pruning methods, 0.05 for `none`.")
+@click.option("--momentum", type=float, default=None, help="Default: 0 for pruning methods (as in the papers), 0.9 for `none`.")
 @click.option("--nesterov", is_flag=True, help="Use Nesterov momentum.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, default=None, help="L2 weight decay. Default: 1e-4 for `magnitude` (Han et al.), else 0.")
 @click.option("--batch-size", type=int, default=100, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="plateau", show_default=True,
-              help="plateau: ReduceLROnPlateau on validation loss (x0.1 after --lr-patience epochs); cosine; constant.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=None,
+              help="plateau: ReduceLROnPlateau on validation loss (x0.1 after --lr-patience epochs), the default "
+                   "for pruning methods; cosine: the default for `none`; constant.")
 @click.option("--lr-patience", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation, data split and batch order.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of the training set held out for validation.")
@@ -97,9 +99,19 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
 
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
                             target_sparsity=target_sparsity, exact=exact_sensitivity)
-    config = TrainConfig(epochs=20 if epochs is None else epochs, lr=lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, batch_size=batch_size, lr_schedule=lr_schedule,
-                         plateau_patience=lr_patience, seed=seed, device=device)
+    recipe = default_recipe(method)
+    config = TrainConfig(
+        epochs=recipe["epochs"] if epochs is None else epochs,
+        lr=recipe["lr"] if lr is None else lr,
+        momentum=recipe["momentum"] if momentum is None else momentum,
+        nesterov=nesterov,
+        weight_decay=recipe["weight_decay"] if weight_decay is None else weight_decay,
+        batch_size=batch_size,
+        lr_schedule=recipe["lr_schedule"] if lr_schedule is None else lr_schedule,
+        plateau_patience=lr_patience,
+        seed=seed,
+        device=device,
+    )
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
               val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path,
               save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
@@ -114,6 +126,14 @@ def compare_command(reports: tuple[Path, ...], fmt: str) -> None:
     """Side-by-side table of REPORTS (.report.json files), with ratios against the first."""
     header, rows = reporting.compare(reports)
     click.echo(reporting.render_table(header, rows, fmt), nl=False)
+
+
+def default_recipe(method: str) -> dict[str, float | int | str]:
+    """Training defaults per method: a fast dense recipe, and the papers' pruning recipe."""
+    if method == "none":
+        return {"epochs": 20, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "cosine"}
+    return {"epochs": 100, "lr": 0.1, "momentum": 0.0, "weight_decay": 1e-4 if method == "magnitude" else 0.0,
+            "lr_schedule": "plateau"}
 
 
 def _command_line(ctx: click.Context) -> str:

@@ -62,8 +62,9 @@ class Masks:
 
     @torch.no_grad()
     def apply(self) -> None:
-        for _, p, mask in self:
-            p.mul_(mask)
+        params = [p for _, p, _ in self]
+        if params:
+            torch._foreach_mul_(params, [self.masks[name] for name, _ in self.named_params])
 
     @torch.no_grad()
     def mask_grads(self) -> None:

@@ -43,12 +43,20 @@ class SensitivityRegularizer(ABC):
 
     @torch.no_grad()
     def step(self) -> None:
+        params, sens = [], []
         for name, p in self.named_params:
             s = self.sensitivity(name, p)
-            if s is None:
-                continue
-            insensitivity = (1.0 - s).clamp_(min=0.0)
-            p.sub_(self.lmbda * p * insensitivity)
+            if s is not None:
+                params.append(p)
+                sens.append(s)
+        if params:
+            # Multi-tensor kernels: a handful of launches for the whole model, which keeps
+            # the step cheap next to the forward/backward pass.
+            shrink = torch._foreach_neg(sens)
+            torch._foreach_add_(shrink, 1.0)
+            torch._foreach_clamp_min_(shrink, 0.0)
+            torch._foreach_mul_(shrink, params)
+            torch._foreach_add_(params, shrink, alpha=-self.lmbda)
         if self.masks is not None:
             self.masks.apply()
 

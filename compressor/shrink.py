@@ -26,13 +26,14 @@ How it works (see the module's test-suite for the cases covered):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -184,6 +185,7 @@ _BINARY_FUNCS: set[Callable[..., Any]] = {
     operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
     torch.maximum, torch.minimum,
 }
+_MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _REDUCE_FUNCS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
@@ -249,10 +251,15 @@ def shrink(model: nn.Module, example_input: Tensor, *, fuse_bn: bool = False) ->
     Raises UnsupportedModel (naming the op and fx node) for models it cannot handle safely.
     """
     params_before = _n_params(model)
+    with _full_fp32(example_input.device if isinstance(example_input, Tensor) else torch.device("cpu")):
+        return _shrink(model, example_input, fuse_bn, params_before)
+
+
+def _shrink(model: nn.Module, example_input: Tensor, fuse_bn: bool, params_before: int) -> ShrinkResult:
     gm, probe = _prepare(model, example_input)
     with torch.no_grad():
         check_x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(0),
-                              dtype=example_input.dtype)
+                              dtype=example_input.dtype).to(example_input.device)
         y_refs = [probe.result, gm(check_x)]
         graph = _Graph(gm, probe)
         graph.build()
@@ -277,6 +284,20 @@ def shrink(model: nn.Module, example_input: Tensor, *, fuse_bn: bool = False) ->
     return ShrinkResult(gm, plan, params_before, _n_params(gm), graph.notes)
 
 
+@contextlib.contextmanager
+def _full_fp32(device: torch.device) -> Iterator[None]:
+    """TF32 convs/matmuls (CUDA) would make the reference-vs-shrunk check fail spuriously."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 # --------------------------------------------------------------------------------------------
 # Tracing and probing
 # --------------------------------------------------------------------------------------------
@@ -289,6 +310,7 @@ class _Probe(fx.Interpreter):
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.dtypes: dict[fx.Node, torch.dtype] = {}
+        self.devices: dict[fx.Node, torch.device] = {}
         self.values: dict[fx.Node, Any] = {}
         self.result: Any = None
 
@@ -297,6 +319,7 @@ class _Probe(fx.Interpreter):
         if isinstance(result, Tensor):
             self.shapes[n] = tuple(result.shape)
             self.dtypes[n] = result.dtype
+            self.devices[n] = result.device
         elif n.op != "output":
             self.values[n] = result
         return result
@@ -322,6 +345,12 @@ def _prepare(model: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, _
         raise CompressError("shrink needs an example input tensor shaped (batch, ...)")
     if not example_input.is_floating_point():
         raise CompressError(f"shrink needs a floating-point example input; got {example_input.dtype}")
+    for name, mod in model.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "parametrizations"):
+            raise UnsupportedModel(
+                f"cannot shrink: module '{name}' ({type(mod).__name__}) has forward hooks or "
+                "parametrizations (e.g. torch.nn.utils.prune masks: call prune.remove first)"
+            )
     work = copy.deepcopy(model).eval()
     gm = _trace(work)
     gm.eval()
@@ -452,8 +481,29 @@ def _canonicalize(gm: fx.GraphModule, probe: _Probe) -> None:
             graph.erase_node(node)
             probe.shapes[new] = s_out
             probe.dtypes[new] = probe.dtypes[src]
+            probe.devices[new] = probe.devices[src]
             continue
         if len(s_in) >= 3 and s_in[:2] == s_out[:2] and _keeps_channel_dim(node, mods, len(s_in), len(s_out)):
+            continue
+        if s_in[:2] == s_out[:2] and math.prod(s_in[2:]) == math.prod(s_out[2:]):
+            # e.g. s.view(b, c, 1, 1) in squeeze-excitation: same channels, new spatial dims.
+            # Rebuild it from ops that never name the channel count.
+            new, shape = src, s_in
+            steps: list[tuple[Callable[..., Any], tuple[Any, ...], tuple[int, ...]]] = []
+            if len(s_in) == 2:
+                steps.append((torch.unsqueeze, (2,), (*s_in, 1)))
+            elif len(s_in) > 3:
+                steps.append((torch.flatten, (2,), (*s_in[:2], math.prod(s_in[2:]))))
+            if len(s_out) > 3 or (len(s_out) == 3 and s_out[2] != math.prod(s_in[2:])):
+                steps.append((torch.unflatten, (2, tuple(s_out[2:])), s_out))
+            for fn, extra, shape in steps:
+                with graph.inserting_before(node):
+                    new = graph.call_function(fn, (new, *extra))
+                probe.shapes[new] = shape
+                probe.dtypes[new] = probe.dtypes[src]
+                probe.devices[new] = probe.devices[src]
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
             continue
         raise _unsupported(node, mods, f"reshapes {s_in} to {s_out} across the channel dimension")
     graph.eliminate_dead_code()
@@ -568,6 +618,7 @@ class _Graph:
         self.pinned: list[int] = []
         self.notes: list[str] = []
         self.forced: dict[str, int] = {}
+        self.explained: set[int] = set()  # slot roots a note already accounts for
         self.roots: np.ndarray | None = None
 
     # -- building ------------------------------------------------------------------------
@@ -611,9 +662,6 @@ class _Graph:
                     raise self.err(node, f"reads '{a.name}', which shrink cannot follow")
             if node.op == "call_module":
                 mod = self.mods[node.target]
-                if mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "parametrizations"):
-                    raise self.err(node, "has forward hooks or parametrizations "
-                                         "(e.g. torch.nn.utils.prune masks: call prune.remove first)")
                 if any(True for _ in mod.parameters(recurse=False)):
                     if node.target in seen_params:
                         raise self.err(node, "is called more than once (shared weights)")
@@ -708,7 +756,7 @@ class _Graph:
         lay = self.layouts[node]
         shape = self.probe.shapes[node]
         vals = torch.tensor(lay.values()).repeat_interleave(torch.tensor(lay.blocks))
-        vals = vals.to(self.probe.dtypes[node])
+        vals = vals.to(device=self.probe.devices[node], dtype=self.probe.dtypes[node])
         return vals.view(1, -1, *([1] * (len(shape) - 2))).expand(1, *shape[1:]).contiguous()
 
     def eval_consts(self, node: fx.Node, srcs: list[fx.Node], blocks: list[int]) -> list[float | None]:
@@ -828,6 +876,12 @@ class _Graph:
             for a, b in zip(base.slots, other.slots):
                 self.uf.union(a, b)
         consts = self.eval_consts(node, srcs, base.blocks)
+        if node.target in _MUL_OPS:
+            # a zero channel times anything finite is zero (squeeze-excitation gates, masks)
+            for src in srcs:
+                lay = self.layouts[src]
+                zero = [c == 0 for c in lay.consts] if len(lay.consts) == len(consts) else [lay.consts[0] == 0] * len(consts)
+                consts = [0.0 if z else c for z, c in zip(zero, consts)]
         self.layouts[node] = _Layout(base.slots, base.blocks, consts, base.origins)
 
     def cat(self, node: fx.Node) -> None:
@@ -944,6 +998,7 @@ class _Graph:
             return False
         free = roots[~needed[roots]][:count]
         self.forced[L.name] = self.forced.get(L.name, 0) + len(free)
+        self.explained.update(free.tolist())
         return self.mark(needed, free)
 
     def propagate(self, L: _Layer, needed: np.ndarray) -> bool:
@@ -981,6 +1036,7 @@ class _Graph:
     def apply(self, needed: np.ndarray) -> None:
         for L in self.layers:
             self.apply_layer(L, needed)
+        self.note_dead_kept(needed)
         for node, mod in self.channel_params:
             lay = self.layouts[node]
             fkeep = torch.from_numpy(np.repeat(self.keep(node, needed), lay.blocks))
@@ -1013,7 +1069,7 @@ class _Graph:
         if L.depthwise:
             assert (rows == cols).all()
             self.note_unfoldable(L, rows, cols)
-            idx = torch.from_numpy(np.flatnonzero(rows))
+            idx = torch.from_numpy(np.flatnonzero(rows)).to(w.device)
             _set_param(mod, "weight", w[idx])
             if mod.bias is not None:
                 _set_param(mod, "bias", mod.bias.detach()[idx])
@@ -1042,16 +1098,17 @@ class _Graph:
         row_counts = {int(rows[k * og:(k + 1) * og].sum()) for k in range(g)} - {0}
         if len({len(c) for c in keep_cols}) != 1 or len(row_counts) != 1:
             raise RuntimeError(f"shrink: internal error, unequal group widths in {L.name}")
-        ridx = torch.tensor(keep_rows, dtype=torch.long)
+        dev = w.device
+        ridx = torch.tensor(keep_rows, dtype=torch.long, device=dev)
         if type(mod) in _LINEAR_TYPES:
-            fmask = torch.from_numpy(np.repeat(cols, self.layouts[L.src].blocks))
+            fmask = torch.from_numpy(np.repeat(cols, self.layouts[L.src].blocks)).to(dev)
             new_w = w[ridx][:, fmask]
             mod.in_features, mod.out_features = int(fmask.sum()), len(keep_rows)
         else:
             parts = []
             for k, c in zip([k for k in range(g) if rows[k * og:(k + 1) * og].any()], keep_cols):
                 part_rows = ridx[(ridx >= k * og) & (ridx < (k + 1) * og)]
-                parts.append(w[part_rows][:, torch.from_numpy(c)])
+                parts.append(w[part_rows][:, torch.from_numpy(c).to(dev)])
             new_w = torch.cat(parts, 0)
             mod.groups = len(parts)
             mod.in_channels = new_w.shape[1] * mod.groups
@@ -1060,7 +1117,7 @@ class _Graph:
         d = delta[keep_rows]
         if mod.bias is not None:
             b = mod.bias.detach()
-            new_b = (b[ridx].to(torch.float64) + torch.from_numpy(d)).to(b.dtype)
+            new_b = (b[ridx].to(torch.float64) + torch.from_numpy(d).to(dev)).to(b.dtype)
             _set_param(mod, "bias", new_b)
         elif np.any(d != 0):
             bn = self.bn_after(L.node)
@@ -1069,7 +1126,8 @@ class _Graph:
                 rm = bn.running_mean
                 bn.running_mean = (rm.to(torch.float64) - torch.from_numpy(delta).to(rm.device)).to(rm.dtype)
             else:
-                mod.bias = nn.Parameter(torch.from_numpy(d).to(w.dtype), requires_grad=mod.weight.requires_grad)
+                mod.bias = nn.Parameter(torch.from_numpy(d).to(device=dev, dtype=w.dtype),
+                                        requires_grad=mod.weight.requires_grad)
                 self.notes.append(f"{L.name}: added a bias to absorb the constant output of removed input channels")
 
     def bn_after(self, node: fx.Node) -> nn.Module | None:
@@ -1088,6 +1146,7 @@ class _Graph:
         hit = np.flatnonzero(L.known & ~L.foldable & cols & reads).tolist()
         if not hit:
             return
+        self.explained.update(L.in_r[hit].tolist())
         origins = self.layouts[L.src].origins
         shown = ", ".join(f"{origins[p]}={L.k[p]:.4g}" for p in hit[:6]) + (", ..." if len(hit) > 6 else "")
         self.notes.append(
@@ -1095,6 +1154,26 @@ class _Graph:
             "zero-pads its input, so border outputs see fewer taps and the constant cannot be "
             "folded into the bias exactly"
         )
+
+    def note_dead_kept(self, needed: np.ndarray) -> None:
+        """Note channels dead in every layer that produces them but kept for another reason."""
+        assert self.roots is not None
+        pinned = set(self.roots[np.array(self.pinned, dtype=np.int64)].tolist())
+        dead: dict[int, bool] = {}
+        origin: dict[int, str] = {}
+        for L in self.layers:
+            lay = self.layouts[L.node]
+            for root, c, o in zip(L.out_r.tolist(), lay.consts, lay.origins):
+                dead[root] = dead.get(root, True) and c is not None
+                origin.setdefault(root, o)
+        kept = [r for r, d in dead.items() if d and needed[r] and r not in pinned and r not in self.explained]
+        if kept:
+            shown = ", ".join(origin[r] for r in kept[:6]) + (", ..." if len(kept) > 6 else "")
+            self.notes.append(
+                f"kept {len(kept)} dead (constant) channel(s) ({shown}): their constant cannot be "
+                "folded exactly into the layers that read them (it becomes position-dependent, "
+                "e.g. through padding, or meets an op shrink does not fold through)"
+            )
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -1117,17 +1196,19 @@ class _Graph:
             for i, root in enumerate(self.r(node).tolist()):
                 members.setdefault(root, []).append((name, role, i))
 
+        by_node = {L.node: L for L in self.layers}
+        with_params = {n for n, _ in self.channel_params}
         for node in self.gm.graph.nodes:
             if node.op != "call_module":
                 continue
-            L = next((L for L in self.layers if L.node is node), None)
+            L = by_node.get(node)
             if L is not None:
                 if L.depthwise:
                     add(node, L.name, "dw")
                 else:
                     add(L.src, L.name, "in")
                     add(node, L.name, "out")
-            elif any(n is node for n, _ in self.channel_params) and all(
+            elif node in with_params and all(
                     b == 1 for b in self.layouts[node].blocks):
                 add(node, str(node.target), "bn")
         by_sig: dict[tuple[Any, ...], ChannelGroup] = {}
@@ -1173,6 +1254,9 @@ def _set_param(mod: nn.Module, name: str, value: Tensor) -> None:
 
 
 def _slice_channel_params(mod: nn.Module, keep: Tensor) -> None:
+    tensors = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+    if tensors:
+        keep = keep.to(tensors[0].device)
     if isinstance(mod, nn.PReLU):
         _set_param(mod, "weight", mod.weight.detach()[keep])
         mod.num_parameters = int(keep.sum())
@@ -1205,7 +1289,8 @@ def _fuse_batchnorms(gm: fx.GraphModule, notes: list[str]) -> None:
             continue
         layer = mods[src.target]
         w = layer.weight.detach()
-        scale = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64))
+        scale = (bn.weight.detach().double() if bn.affine
+                 else torch.ones(bn.num_features, dtype=torch.float64, device=w.device))
         scale = scale / torch.sqrt(bn.running_var.double() + bn.eps)
         shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(scale)
         b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)

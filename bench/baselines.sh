@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Dense baselines on real MNIST with the CLI defaults (`--method none`), 10 epochs each.
+# Writes ONNX, reports, checkpoints and logs to bench/results/baselines/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNIST=${MNIST:-../shared/datasets/mnist}
+out=bench/results/baselines
+mkdir -p "$out"
+for arch in lenet300 lenet5; do
+  start=$(date +%s)
+  compress "$arch" --method none --data "mnist:$MNIST" --epochs 10 -q \
+    --out "$out/$arch-dense.onnx" --save-checkpoint "$out/$arch-dense.pt" 2> "$out/$arch-dense.log"
+  echo "$arch: $(( $(date +%s) - start )) s wall" >> "$out/$arch-dense.log"
+done
