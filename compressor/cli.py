@@ -17,7 +17,7 @@ from exporters import report as reporting
 from .errors import CompressError
 from .train import LR_SCHEDULES, TrainConfig
 
-METHODS = ("lobster", "sensitivity", "magnitude", "none")
+METHODS = ("lobster", "serene", "sensitivity", "magnitude", "none")
 
 
 class _ModelFirstGroup(click.Group):
@@ -83,7 +83,13 @@ def cli() -> None:
               help="Validation error may exceed the best pre-pruning error by at most this much (0.005 = 0.5 points).")
 @click.option("--target-sparsity", type=float, default=None, help="Stop once this share of prunable parameters is zero (e.g. 0.98).")
 @click.option("--exact-sensitivity", is_flag=True,
-              help="sensitivity method: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
+              help="sensitivity/serene: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
+@click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
+@click.option("--neuron-criterion", type=click.Choice(["norm", "sensitivity"]), default="norm", show_default=True,
+              help="serene: prune the neurons with the smallest parameter norm, or the smallest sensitivity.")
+@click.option("--no-physical-removal", is_flag=True,
+              help="Export the pruned model as it is, without removing dead neurons/channels.")
+@click.option("--fuse-bn", is_flag=True, help="Fold BatchNorm into the preceding Conv/Linear before export.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
@@ -92,13 +98,15 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float, target_sparsity: float | None, exact_sensitivity: bool,
+                min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
                 opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
     from .pipeline import Job, run  # heavy imports only when there is work to do
 
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
-                            target_sparsity=target_sparsity, exact=exact_sensitivity)
+                            target_sparsity=target_sparsity, exact=exact_sensitivity, min_width=min_width,
+                            neuron_criterion=neuron_criterion)
     recipe = default_recipe(method)
     config = TrainConfig(
         epochs=recipe["epochs"] if epochs is None else epochs,
@@ -115,6 +123,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
               val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path,
               save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
+              physical_removal=not no_physical_removal, fuse_bn=fuse_bn,
               progress=not quiet and sys.stderr.isatty(), command=_command_line(ctx))
     run(job, log=lambda msg: click.echo(msg, err=True))
 

@@ -4,6 +4,8 @@
 ``sensitivity``  output-sensitivity regularizer (Tartaglione et al. 2018) + the same schedule
 ``magnitude``    no regularizer (plain SGD, L2 weight decay) + the same schedule: iterative
                  global magnitude pruning with fine-tuning between prunes (Han et al. 2015)
+``serene``       SeReNe: neuron-sensitivity regularizer + the same schedule over whole
+                 neurons (structured)
 ``none``         plain training; no plugin
 """
 
@@ -18,10 +20,13 @@ from torch import nn
 
 from .errors import CompressError
 from .masks import Masks, prunable_parameters
-from .regularizers import LOBSTER, OutputSensitivity, SensitivityRegularizer
-from .thresholding import PlateauDetector, find_threshold
+from .regularizers import LOBSTER, OutputSensitivity
+from .structured import NeuronPruner, SeReNe, find_neurons
+from .thresholding import EntryPruner, PlateauDetector, Pruner, find_threshold
 
 UNSTRUCTURED = ("lobster", "sensitivity", "magnitude")
+STRUCTURED = ("serene",)
+METHODS = UNSTRUCTURED + STRUCTURED
 
 
 @dataclass
@@ -35,6 +40,8 @@ class PruningConfig:
     target_sparsity: float | None = None  # stop once this share of prunable parameters is zero
     exact: bool = False               # output sensitivity: exact per-class form instead of the bound
     stall_limit: int = 5              # stop after this many plateaus in a row that pruned nothing
+    min_width: int = 1                # serene: neurons every layer keeps
+    neuron_criterion: str = "norm"    # serene: rank neurons by parameter RMS ("norm") or "sensitivity"
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -47,21 +54,30 @@ class PruningConfig:
             raise CompressError(f"--max-error-increase must be >= 0, got {self.max_error_increase}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
             raise CompressError(f"--target-sparsity must be in (0, 1), got {self.target_sparsity}")
+        if self.min_width < 1:
+            raise CompressError(f"--min-width must be >= 1, got {self.min_width}")
+        if self.neuron_criterion not in ("norm", "sensitivity"):
+            raise CompressError(f"--neuron-criterion must be norm or sensitivity, got {self.neuron_criterion!r}")
 
 
 class ThresholdPruning:
-    """Training plugin: shrink with ``regularizer`` every step; prune at validation plateaus."""
+    """Training plugin: shrink with a regularizer every step; prune at validation plateaus.
 
-    def __init__(self, name: str, config: PruningConfig) -> None:
+    ``example_input`` (one batch of inputs) is needed by ``serene`` to trace the model's
+    neurons."""
+
+    def __init__(self, name: str, config: PruningConfig, example_input: torch.Tensor | None = None) -> None:
         config.validate()
         self.name = name
         self.config = config
+        self.example_input = example_input
+        self.pruner: Pruner | None = None
         self.detector = PlateauDetector(config.pwe)
         self.reference_error: float | None = None
         self.stalled = 0
         self.prunes = 0
         self.masks: Masks | None = None
-        self.regularizer: SensitivityRegularizer | None = None
+        self.regularizer: Any = None
         self.model: nn.Module | None = None
 
     # -- wiring ------------------------------------------------------------------------------
@@ -70,10 +86,25 @@ class ThresholdPruning:
         named = prunable_parameters(model)
         self.masks = Masks(named)
         self.masks.update_from_zeros()  # entries already zero in a given checkpoint stay pruned
+        if self.name == "serene":
+            if self.example_input is None:
+                raise CompressError("serene needs an example input to find the model's neurons")
+            device = next(model.parameters()).device
+            neurons = find_neurons(model, self.example_input.to(device))
+            self.regularizer = SeReNe(model, neurons, self.config.lmbda, self.masks, exact=self.config.exact)
+            by_sensitivity = self.regularizer if self.config.neuron_criterion == "sensitivity" else None
+            self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width, sensitivity=by_sensitivity)
+            return
         if self.name == "lobster":
             self.regularizer = LOBSTER(named, self.config.lmbda, self.masks)
         elif self.name == "sensitivity":
             self.regularizer = OutputSensitivity(named, self.config.lmbda, self.masks, exact=self.config.exact)
+        self.pruner = EntryPruner(self.masks)
+
+    def detach(self) -> None:
+        """Remove anything the method hooked into the model; call once training is over."""
+        if isinstance(self.regularizer, SeReNe):
+            self.regularizer.remove_hooks()
 
     def after_forward(self, output: torch.Tensor) -> None:
         if self.regularizer is not None:
@@ -98,6 +129,8 @@ class ThresholdPruning:
             extra.update(self._prune(trainer))
         extra["sparsity"] = self.sparsity()
         extra["weight_sparsity"] = self.masks.sparsity(weights_only=True)
+        if isinstance(self.pruner, NeuronPruner):
+            extra["neurons"] = self.pruner.remaining_per_layer()
         return extra
 
     def _prune(self, trainer: Any) -> dict[str, Any]:
@@ -108,7 +141,7 @@ class ThresholdPruning:
             # does not compound from prune to prune the way a loss bound alone does.
             self.reference_error = ref_err
         search = find_threshold(
-            self.masks,
+            self.pruner,
             lambda: trainer.evaluate(trainer.data.val),
             max_loss=(1 + self.config.twt) * ref_loss,
             max_error=self.error_cap(),
@@ -149,6 +182,7 @@ class ThresholdPruning:
             "stalled": self.stalled,
             "prunes": self.prunes,
             "regularizer": self.regularizer.state_dict() if self.regularizer else None,
+            "alive_neurons": self.pruner.alive.clone() if isinstance(self.pruner, NeuronPruner) else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -159,15 +193,17 @@ class ThresholdPruning:
         self.prunes = int(state["prunes"])
         if self.regularizer is not None and state.get("regularizer"):
             self.regularizer.load_state_dict(state["regularizer"])
+        if isinstance(self.pruner, NeuronPruner) and state.get("alive_neurons") is not None:
+            self.pruner.alive = state["alive_neurons"].clone()
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
 
 
-def make(method: str, config: PruningConfig | None = None) -> ThresholdPruning | None:
+def make(method: str, config: PruningConfig | None = None, example_input: torch.Tensor | None = None) -> ThresholdPruning | None:
     """The training plugin for ``method`` (None for ``none``)."""
     if method == "none":
         return None
-    if method in UNSTRUCTURED:
-        return ThresholdPruning(method, config or PruningConfig())
-    raise CompressError(f"unknown method {method!r}; choose one of none, {', '.join(UNSTRUCTURED)}")
+    if method in METHODS:
+        return ThresholdPruning(method, config or PruningConfig(), example_input)
+    raise CompressError(f"unknown method {method!r}; choose one of none, {', '.join(METHODS)}")

@@ -18,6 +18,7 @@ from .errors import CompressError
 from .loading import LoadedModel, load_model
 from .masks import model_sparsity
 from .methods import PruningConfig, make as make_method
+from .shrink import ShrinkResult, UnsupportedModel, dead_channels, shrink
 from .train import Trainer, TrainConfig, evaluate
 
 PARITY_SAMPLES = 256
@@ -41,6 +42,8 @@ class Job:
     save_checkpoint: Path | None = None
     allow_unsafe_pickle: bool = False
     opset: int = onnx_export.DEFAULT_OPSET
+    physical_removal: bool = True
+    fuse_bn: bool = False
     progress: bool = True
     command: str = ""
 
@@ -75,7 +78,7 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
-    plugin = make_method(job.method, job.pruning)
+    plugin = make_method(job.method, job.pruning, example_input=data.train.x[:2])
     trainer = Trainer(loaded.model, data, config, workdir=job.work_path(), plugin=plugin, progress=job.progress, log=log)
     result = None
     if job.resume and not trainer.resume():
@@ -85,6 +88,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
         trainer.model.load_state_dict(result.best_state)
         log(f"kept the epoch-{result.best_epoch} model: validation error {100 * result.best_val_error:.2f} %, "
             f"sparsity {100 * model_sparsity(trainer.model):.2f} %")
+    if plugin is not None:
+        plugin.detach()
     model = trainer.model.cpu().eval()
     timings["train_s"] = time.perf_counter() - t0
 
@@ -95,13 +100,48 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
         log(f"saved checkpoint {job.save_checkpoint}")
 
     t0 = time.perf_counter()
+    pruned_model = model
+    model, removal = remove_dead_neurons(model, data, enabled=job.physical_removal, fuse_bn=job.fuse_bn, log=log)
+    timings["shrink_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     exported = export_verified(model, data, job.out, opset=job.opset, log=log)
     timings["export_s"] = time.perf_counter() - t0
 
     rep = build_report(job, loaded, data, model, trainer, result, exported, timings)
+    rep["physical_removal"] = removal
+    rep["size"]["params_before_removal"] = reporting.count_params(pruned_model)[0]
     json_path, md_path = reporting.write(rep, job.report_path())
     log(f"wrote {job.out} ({exported['file_bytes']:,} bytes), {json_path}, {md_path}")
     return rep
+
+
+def remove_dead_neurons(
+    model: torch.nn.Module, data: Dataset, *, enabled: bool, fuse_bn: bool, log: Callable[[str], None]
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Physically remove zeroed neurons/channels; on a model shrink cannot handle, keep the
+    pruned model as it is and say why (never a wrong model)."""
+    if not enabled:
+        return model, {"applied": False, "reason": "disabled with --no-physical-removal"}
+    try:
+        dead = sum(int(mask.sum()) for mask in dead_channels(model).values())
+        if dead == 0 and not fuse_bn:
+            return model, {"applied": False, "reason": "no dead neurons or channels"}
+        result: ShrinkResult = shrink(model, data.test.x[:2], fuse_bn=fuse_bn)
+    except UnsupportedModel as exc:
+        log(f"physical removal skipped: {exc}; exporting the pruned model with its zeros")
+        return model, {"applied": False, "reason": str(exc)}
+    log(str(result))
+    return result.model, {
+        "applied": True,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "fused_batchnorm": fuse_bn,
+        "layers": [
+            {"name": c.name, "type": c.kind, "before": list(c.before), "after": list(c.after)} for c in result.plan
+        ],
+        "notes": list(result.notes),
+    }
 
 
 def export_verified(model: torch.nn.Module, data: Dataset, out: Path, *, opset: int, log: Callable[[str], None]) -> dict[str, Any]:

@@ -1,11 +1,15 @@
-"""When to prune (a validation-loss plateau) and how much (a bisection on the global threshold)."""
+"""When to prune (a validation-loss plateau) and how much (a bisection on a global threshold).
+
+What is pruned is a :class:`Pruner`: single entries ranked by magnitude (unstructured) or
+whole neurons ranked by norm or sensitivity (structured). The search is the same for both.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -47,60 +51,99 @@ class PlateauDetector:
         self.bad_epochs = int(state["bad_epochs"])
 
 
+class Pruner(Protocol):
+    """Ranks the surviving prunable units (weakest first) and prunes a prefix of that ranking."""
+
+    def rank(self) -> int:
+        """Recompute the ranking; returns how many units may be pruned."""
+
+    def prune_first(self, k: int, *, permanent: bool) -> float:
+        """Zero the ``k`` weakest units; returns the criterion value of the last one.
+        With ``permanent=False`` the masks are left unchanged so :meth:`restore` can undo it."""
+
+    def restore(self) -> None:
+        """Undo a non-permanent :meth:`prune_first`."""
+
+    def pruned_count(self) -> int:
+        """Pruned units so far (for progress reports)."""
+
+
+class EntryPruner:
+    """Unstructured: single parameter entries, ranked by magnitude across all layers."""
+
+    def __init__(self, masks: Masks) -> None:
+        self.masks = masks
+        self._magnitudes = torch.zeros(0)
+        self._saved: list[torch.Tensor] = []
+
+    def rank(self) -> int:
+        alive = [p.detach()[m].abs().flatten().cpu() for _, p, m in self.masks]
+        self._magnitudes = torch.sort(torch.cat(alive)).values if alive else torch.zeros(0)
+        self._saved = [p.detach().clone() for _, p, _ in self.masks]
+        return self._magnitudes.numel()
+
+    def prune_first(self, k: int, *, permanent: bool) -> float:
+        t = float(self._magnitudes[k - 1]) if k > 0 else 0.0
+        with torch.no_grad():
+            for (_, p, m), orig in zip(self.masks, self._saved):
+                keep = m & (orig.abs() > t)
+                if permanent:
+                    m.copy_(keep)
+                p.copy_(orig * keep)
+        return t
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (_, p, _), orig in zip(self.masks, self._saved):
+                p.copy_(orig)
+
+    def pruned_count(self) -> int:
+        alive, total = self.masks.counts()
+        return total - alive
+
+
 @dataclass(frozen=True)
 class ThresholdSearch:
     """The outcome of one threshold search."""
 
-    threshold: float          # entries with |p| < threshold are pruned (0.0: nothing)
-    pruned: int               # entries newly pruned
+    threshold: float          # the criterion value of the last unit pruned (0.0: nothing pruned)
+    pruned: int               # units newly pruned
     val_loss: float           # validation loss after pruning
     val_error: float
     evaluations: int
 
 
 def find_threshold(
-    masks: Masks,
+    pruner: Pruner | Masks,
     evaluate: Callable[[], tuple[float, float]],
     *,
     max_loss: float,
     max_error: float = math.inf,
 ) -> ThresholdSearch:
-    """Largest global magnitude threshold whose validation loss stays <= ``max_loss``
-    (and error <= ``max_error``), found by bisection over the sorted alive magnitudes.
+    """Largest global threshold whose validation loss stays <= ``max_loss`` (and error
+    <= ``max_error``), found by bisection over the ranked surviving units.
 
-    ``evaluate()`` returns (val_loss, val_error) of the model as it currently is. The model
-    is left pruned at the threshold found (masks updated); candidates are tried on the live
-    parameters and rolled back, so no second copy of the model is needed.
+    ``evaluate()`` returns (val_loss, val_error) of the model as it currently is. The model is
+    left pruned at the threshold found. Candidates are tried on the live parameters and
+    rolled back, so no second copy of the model is needed. Bisection assumes the loss grows
+    with the threshold, which holds in practice for magnitude rankings; it costs about
+    log2(units) evaluations.
     """
-    alive = [p.detach()[m].abs().flatten() for _, p, m in masks]
-    magnitudes = torch.sort(torch.cat(alive)).values if alive else torch.zeros(0)
-    n = magnitudes.numel()
-    originals = [p.detach().clone() for _, p, _ in masks]
-
-    def try_count(k: int) -> tuple[float, float]:
-        """Zero the k smallest alive entries (ties included), evaluate, and roll back."""
-        t = float(magnitudes[k - 1]) if k > 0 else 0.0
-        with torch.no_grad():
-            for (_, p, m), orig in zip(masks, originals):
-                p.copy_(orig * (m & (orig.abs() > t)))
-        result = evaluate()
-        with torch.no_grad():
-            for (_, p, _), orig in zip(masks, originals):
-                p.copy_(orig)
-        return result
+    if isinstance(pruner, Masks):
+        pruner = EntryPruner(pruner)
+    n = pruner.rank()
 
     def acceptable(loss: float, err: float) -> bool:
         return math.isfinite(loss) and loss <= max_loss and err <= max_error
 
-    evaluations = 0
-    lo, hi = 0, n  # invariant: pruning lo entries is acceptable; pruning more than hi is not known to be
     lo_result = evaluate()
-    evaluations += 1
-    # Bisection assumes the loss grows with the threshold, which holds in practice for
-    # magnitude ordering; it costs about log2(n) evaluations.
+    evaluations = 1
+    lo, hi = 0, n  # pruning lo units is acceptable; more than hi is not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        result = try_count(mid)
+        pruner.prune_first(mid, permanent=False)
+        result = evaluate()
+        pruner.restore()
         evaluations += 1
         if acceptable(*result):
             lo, lo_result = mid, result
@@ -108,11 +151,6 @@ def find_threshold(
             hi = mid - 1
     if lo == 0:
         return ThresholdSearch(0.0, 0, lo_result[0], lo_result[1], evaluations)
-    threshold = float(magnitudes[lo - 1])
-    before, _ = masks.counts()
-    with torch.no_grad():
-        for _, p, m in masks:
-            m &= p.abs() > threshold
-    masks.apply()
-    after, _ = masks.counts()
-    return ThresholdSearch(threshold, before - after, lo_result[0], lo_result[1], evaluations)
+    before = pruner.pruned_count()
+    threshold = pruner.prune_first(lo, permanent=True)
+    return ThresholdSearch(threshold, pruner.pruned_count() - before, lo_result[0], lo_result[1], evaluations)

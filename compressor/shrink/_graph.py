@@ -1,518 +1,41 @@
-"""Physical removal of dead neurons and channels: a smaller dense model with the same outputs.
-
-Pruning by masking leaves zeros in full-size tensors. :func:`shrink` turns such a model into a
-smaller dense one built from the same standard layers, whose outputs equal the original's
-(eval mode) up to float rounding, for any input of the example's shape and any batch size.
-
-How it works (see the module's test-suite for the cases covered):
-
-1. ``torch.fx`` traces a copy of the model; an interpreter run on the example input records
-   every tensor's shape. Reshapes are rewritten into ``torch.flatten(x, 1)`` so that no
-   hard-coded channel count survives.
-2. Every tensor gets a *layout*: one entry per channel along dim 1, naming a *slot* (a
-   union-find class of channels that must be kept or removed together: the channels joined by
-   an elementwise op, a residual add, BatchNorm or a depthwise conv), the number of features a
-   channel spans after flattening, and the channel's value when it is an input-independent
-   constant (evaluated through BatchNorm, activations and pooling on constant maps).
-3. A backward fixed point marks the slots something *needs*: the model output and input, and
-   every input channel a Linear/Conv reads through a non-zero weight, unless that channel is a
-   constant the layer can fold into its bias exactly (a Linear, or a conv whose padding cannot
-   make the contribution position-dependent). Grouped convs keep equal per-group widths; every
-   kept layer keeps at least one input.
-4. Slots nobody needs are removed everywhere; folded constants go into the consumer's bias (or
-   into the running mean of the BatchNorm that follows a bias-free layer).
-5. The result is checked against the original on the example and on a random input.
-"""
+"""The channel dependency graph: layouts, constants, the keep/remove solver, the rewrite."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import operator
-import os
-import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CompressError
-
-__all__ = [
-    "ChannelGroup",
-    "LayerChange",
-    "ShrinkResult",
-    "UnsupportedModel",
-    "channel_groups",
-    "dead_channels",
-    "shrink",
-]
-
-
-class UnsupportedModel(CompressError):
-    """The model cannot be shrunk safely: untraceable, or it uses an op shrink does not know."""
-
-
-@dataclass
-class LayerChange:
-    """One row of the plan: a layer's weight shape before and after shrinking.
-
-    ``after == ()`` means the layer is gone (all its channels removed, or a BatchNorm fused
-    into the layer before it).
-    """
-
-    name: str
-    kind: str
-    before: tuple[int, ...]
-    after: tuple[int, ...]
-    params_before: int = 0
-    params_after: int = 0
-
-
-@dataclass
-class ShrinkResult:
-    """The shrunk model, what changed, and why some dead channels were kept."""
-
-    model: nn.Module
-    plan: list[LayerChange]
-    params_before: int
-    params_after: int
-    notes: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        changed = [c for c in self.plan if c.before != c.after or c.params_before != c.params_after]
-        rows = [("layer", "kind", "before", "after", "params removed")]
-        for c in changed:
-            rows.append((c.name, c.kind, _fmt_shape(c.before), _fmt_shape(c.after) if c.after else "removed",
-                         f"{c.params_before - c.params_after:,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = []
-        for i, r in enumerate(rows):
-            lines.append("  ".join(
-                (s.rjust(w) if j == 4 else s.ljust(w)) for j, (s, w) in enumerate(zip(r, widths))
-            ).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        unchanged = len(self.plan) - len(changed)
-        if unchanged:
-            lines.append(f"({unchanged} layer{'s' if unchanged != 1 else ''} unchanged)")
-        removed = self.params_before - self.params_after
-        pct = 100.0 * removed / self.params_before if self.params_before else 0.0
-        lines.append(
-            f"params: {self.params_before:,} -> {self.params_after:,} "
-            f"({removed:,} removed, {pct:.1f} %)"
-        )
-        for note in self.notes:
-            lines.append(f"note: {note}")
-        return "\n".join(lines)
-
-
-@dataclass
-class ChannelGroup:
-    """Channels that can only be removed together (one coupled group of the dependency graph).
-
-    ``members`` lists (module name, role) pairs; role is ``"out"`` (output channel of a
-    Linear/Conv: weight row/filter and bias), ``"dw"`` (a depthwise conv's filter, which
-    passes the channel through), ``"bn"`` (BatchNorm / per-channel PReLU entry) or ``"in"``
-    (input channel of a consuming Linear/Conv; for a Linear after Flatten this is the channel
-    index, covering a block of features). ``channels[i][j]`` is the index of coupled channel i
-    in member j. ``pinned`` groups (model input/output, shape reads) cannot shrink.
-    """
-
-    members: list[tuple[str, str]]
-    channels: list[tuple[int, ...]]
-    pinned: bool
-
-
-# --------------------------------------------------------------------------------------------
-# Op tables
-# --------------------------------------------------------------------------------------------
-
-_LINEAR_TYPES = (nn.Linear,)
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-# Modules that act on every channel separately (so a channel can be dropped through them).
-_CHANNELWISE_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
+from ._ops import (
+    BINARY_FUNCS,
+    BINARY_METHODS,
+    BN_TYPES,
+    CAT_FUNCS,
+    CHANNELWISE_FUNCS,
+    CHANNELWISE_METHODS,
+    CHANNELWISE_MODULES,
+    CONV_TYPES,
+    DROPOUT_TRAINING_DEFAULT,
+    LINEAR_TYPES,
+    META_METHODS,
+    MUL_OPS,
+    REDUCE_FUNCS,
+    REDUCE_METHODS,
+    SHAPE_FUNCS,
+    SHAPE_METHODS,
+    SOFTMAX_FUNCS,
+    SOFTMAX_METHODS,
+    SPATIAL_FUNCS,
+    SPATIAL_MODULES,
 )
-# Channelwise, but only meaningful on (N, C, spatial...) tensors.
-_SPATIAL_MODULES: tuple[type, ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
-)
-
-_CHANNELWISE_FUNCS: set[Callable[..., Any]] = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
-    F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
-    F.hardshrink, F.softshrink, F.threshold, torch.clamp, torch.clip, torch.abs, torch.neg,
-    torch.exp, torch.square, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    F.feature_alpha_dropout,
-}
-_SPATIAL_FUNCS: set[Callable[..., Any]] = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.lp_pool1d, F.lp_pool2d, F.interpolate, F.pad, torch.max_pool1d, torch.max_pool2d,
-    torch.avg_pool1d,
-}
-_CHANNELWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
-    "abs", "neg", "exp", "square", "detach", "clone",
-}
-_DROPOUT_TRAINING_DEFAULT: dict[Callable[..., Any], bool] = {
-    F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
-    F.alpha_dropout: False, F.feature_alpha_dropout: False,
-}
-_BINARY_FUNCS: set[Callable[..., Any]] = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum,
-}
-_MUL_OPS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_REDUCE_FUNCS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_SOFTMAX_FUNCS: set[Callable[..., Any]] = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
-_SOFTMAX_METHODS = {"softmax", "log_softmax"}
-_CAT_FUNCS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
-_SHAPE_FUNCS: set[Callable[..., Any]] = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-                                         torch.unflatten}
-_SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "contiguous"}
-_META_METHODS = {"size", "dim"}
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-# --------------------------------------------------------------------------------------------
-# Public functions
-# --------------------------------------------------------------------------------------------
-
-
-def dead_channels(model: nn.Module) -> dict[str, Tensor]:
-    """Per Linear/Conv module: bool mask of output channels that are *dead*.
-
-    A channel is dead when its output does not depend on the input: its weight row (Linear) or
-    filter (Conv) is all exactly zero, or the BatchNorm that directly and solely follows the
-    layer has an exactly zero scale (gamma) for it. A dead channel emits a constant (its bias,
-    mapped through the BatchNorm); :func:`shrink` removes it when that constant is zero after
-    the following ops or can be folded exactly into the consumers' biases.
-    """
-    gm = _trace(model)
-    mods = dict(gm.named_modules())
-    out: dict[str, Tensor] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or type(mods[node.target]) not in _LINEAR_TYPES + _CONV_TYPES:
-            continue
-        w = mods[node.target].weight.detach()
-        mask = (w.reshape(w.shape[0], -1) == 0).all(1)
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module":
-            bn = mods[users[0].target]
-            if type(bn) in _BN_TYPES and bn.affine and bn.num_features == mask.numel():
-                mask = mask | (bn.weight.detach() == 0)
-        out[str(node.target)] = mask
-    return out
-
-
-def channel_groups(model: nn.Module, example_input: Tensor) -> list[ChannelGroup]:
-    """The coupled channel groups of `model` (the dependency graph :func:`shrink` uses).
-
-    Handy for structured pruning that must respect residual adds, concatenation and
-    depthwise convs (zero one coupled channel in every ``"out"``/``"dw"``/``"bn"`` member).
-    """
-    gm, probe = _prepare(model, example_input)
-    graph = _Graph(gm, probe)
-    graph.build()
-    return graph.groups()
-
-
-def shrink(model: nn.Module, example_input: Tensor, *, fuse_bn: bool = False) -> ShrinkResult:
-    """Remove dead neurons/channels from a copy of `model`; the result has the same outputs.
-
-    `model` is not modified; the result is in eval mode. `fuse_bn` additionally folds every
-    BatchNorm that follows a Linear/Conv into it (eval statistics, computed in float64).
-    Raises UnsupportedModel (naming the op and fx node) for models it cannot handle safely.
-    """
-    params_before = _n_params(model)
-    with _full_fp32(example_input.device if isinstance(example_input, Tensor) else torch.device("cpu")):
-        return _shrink(model, example_input, fuse_bn, params_before)
-
-
-def _shrink(model: nn.Module, example_input: Tensor, fuse_bn: bool, params_before: int) -> ShrinkResult:
-    gm, probe = _prepare(model, example_input)
-    with torch.no_grad():
-        check_x = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(0),
-                              dtype=example_input.dtype).to(example_input.device)
-        y_refs = [probe.result, gm(check_x)]
-        graph = _Graph(gm, probe)
-        graph.build()
-        before = graph.layer_table()
-        needed = graph.solve()
-        graph.apply(needed)
-        if fuse_bn:
-            _fuse_batchnorms(gm, graph.notes)
-        gm.graph.lint()
-        gm.recompile()
-        gm.delete_all_unused_submodules()
-        gm.eval()
-        _verify(gm, [example_input, check_x], y_refs)
-    mods = dict(gm.named_modules())
-    plan = []
-    for name, kind, shape, n in before:
-        mod = mods.get(name)
-        if mod is None:
-            plan.append(LayerChange(name, kind, shape, (), n, 0))
-        else:
-            plan.append(LayerChange(name, kind, shape, _weight_shape(mod), n, _n_params(mod, recurse=False)))
-    return ShrinkResult(gm, plan, params_before, _n_params(gm), graph.notes)
-
-
-@contextlib.contextmanager
-def _full_fp32(device: torch.device) -> Iterator[None]:
-    """TF32 convs/matmuls (CUDA) would make the reference-vs-shrunk check fail spuriously."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-# --------------------------------------------------------------------------------------------
-# Tracing and probing
-# --------------------------------------------------------------------------------------------
-
-
-class _Probe(fx.Interpreter):
-    """Runs the graph once, remembering every tensor's shape and every non-tensor value."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
-        self.dtypes: dict[fx.Node, torch.dtype] = {}
-        self.devices: dict[fx.Node, torch.device] = {}
-        self.values: dict[fx.Node, Any] = {}
-        self.result: Any = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if isinstance(result, Tensor):
-            self.shapes[n] = tuple(result.shape)
-            self.dtypes[n] = result.dtype
-            self.devices[n] = result.device
-        elif n.op != "output":
-            self.values[n] = result
-        return result
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-        where = ""
-        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-            if not frame.filename.startswith(_TORCH_DIR):
-                where = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`"
-                break
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModel(
-            f"cannot shrink {type(model).__name__}: torch.fx cannot trace it{where} ({msg})"
-        ) from exc
-
-
-def _prepare(model: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, _Probe]:
-    if not isinstance(example_input, Tensor) or example_input.dim() < 2:
-        raise CompressError("shrink needs an example input tensor shaped (batch, ...)")
-    if not example_input.is_floating_point():
-        raise CompressError(f"shrink needs a floating-point example input; got {example_input.dtype}")
-    for name, mod in model.named_modules():
-        if mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "parametrizations"):
-            raise UnsupportedModel(
-                f"cannot shrink: module '{name}' ({type(mod).__name__}) has forward hooks or "
-                "parametrizations (e.g. torch.nn.utils.prune masks: call prune.remove first)"
-            )
-    work = copy.deepcopy(model).eval()
-    gm = _trace(work)
-    gm.eval()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if not placeholders:
-        raise UnsupportedModel(f"cannot shrink {type(model).__name__}: its forward takes no input")
-    probe = _Probe(gm)
-    try:
-        with torch.no_grad():
-            probe.result = probe.run(example_input)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(
-            f"the example input of shape {tuple(example_input.shape)} does not fit "
-            f"{type(model).__name__}: {first}"
-        ) from exc
-    for n in placeholders[1:]:
-        if n in probe.shapes:
-            raise UnsupportedModel(f"cannot shrink: input '{n.name}' is a second tensor input; "
-                                   "shrink takes models with one tensor input")
-    _canonicalize(gm, probe)
-    return gm, probe
-
-
-def _describe(node: fx.Node, mods: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"module '{node.target}' ({type(mods[node.target]).__name__})"
-    if node.op == "call_method":
-        return f"method '.{node.target}()'"
-    if node.op == "call_function":
-        t = node.target
-        name = getattr(t, "__name__", repr(t))
-        if getattr(F, name, None) is t:
-            return f"function 'torch.nn.functional.{name}'"
-        if getattr(torch, name, None) is t:
-            return f"function 'torch.{name}'"
-        if getattr(operator, name, None) is t:
-            return f"function 'operator.{name}'"
-        return f"function '{getattr(t, '__module__', '') or ''}.{name}'"
-    if node.op == "get_attr":
-        return f"attribute '{node.target}'"
-    return f"'{node.op}'"
-
-
-def _unsupported(node: fx.Node, mods: dict[str, nn.Module], why: str) -> UnsupportedModel:
-    return UnsupportedModel(f"cannot shrink: {_describe(node, mods)} at fx node '{node.name}' {why}")
-
-
-# --------------------------------------------------------------------------------------------
-# Canonicalizing reshapes
-# --------------------------------------------------------------------------------------------
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _is_shape_op(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return type(mods[node.target]) in (nn.Flatten, nn.Unflatten)
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    return node.op == "call_function" and node.target in _SHAPE_FUNCS
-
-
-def _keeps_channel_dim(node: fx.Node, mods: dict[str, nn.Module], rank_in: int, rank_out: int) -> bool:
-    """True for flatten/unflatten/squeeze/unsqueeze whose dims are all spatial (>= 2)."""
-    off = 1  # args[0] is the tensor for both torch.flatten(x, ...) and x.flatten(...)
-
-    def norm(d: Any, rank: int) -> int | None:
-        return d + rank if isinstance(d, int) and d < 0 else (d if isinstance(d, int) else None)
-
-    if node.op == "call_module":
-        mod = mods[node.target]
-        if isinstance(mod, nn.Flatten):
-            start = norm(mod.start_dim, rank_in)
-        else:
-            start = norm(mod.dim, rank_in)  # type: ignore[union-attr]
-        return start is not None and start >= 2
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if name == "flatten":
-        start = norm(_arg(node, off + 0, "start_dim", 0), rank_in)
-        return start is not None and start >= 2
-    if name == "unflatten":
-        d = norm(_arg(node, off + 0, "dim"), rank_in)
-        return d is not None and d >= 2
-    if name == "squeeze":
-        dims = _arg(node, off + 0, "dim")
-        if dims is None:
-            return False
-        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-        return all((norm(d, rank_in) or 0) >= 2 for d in dims)
-    if name == "unsqueeze":
-        d = norm(_arg(node, off + 0, "dim"), rank_out)
-        return d is not None and d >= 2
-    return False
-
-
-def _canonicalize(gm: fx.GraphModule, probe: _Probe) -> None:
-    """Drop no-op reshapes, turn (N, C, ...) -> (N, C*...) reshapes into torch.flatten(x, 1).
-
-    Keeps reshapes robust to the new channel counts (a literal ``view(-1, 320)`` would
-    otherwise break after shrinking).
-    """
-    mods = dict(gm.named_modules())
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node not in probe.shapes or not _is_shape_op(node, mods):
-            continue
-        src = node.args[0] if node.args else None
-        if not isinstance(src, fx.Node) or src not in probe.shapes:
-            raise _unsupported(node, mods, "reshapes something that is not a traced tensor")
-        s_in, s_out = probe.shapes[src], probe.shapes[node]
-        if s_in == s_out:
-            node.replace_all_uses_with(src)
-            graph.erase_node(node)
-            continue
-        if (len(s_in) >= 2 and len(s_out) == 2 and s_out[0] == s_in[0]
-                and s_out[1] == math.prod(s_in[1:])):
-            if node.op == "call_module" and isinstance(mods[node.target], nn.Flatten) \
-                    and mods[node.target].start_dim == 1 and mods[node.target].end_dim == -1:
-                continue
-            with graph.inserting_after(node):
-                new = graph.call_function(torch.flatten, (src, 1))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            probe.shapes[new] = s_out
-            probe.dtypes[new] = probe.dtypes[src]
-            probe.devices[new] = probe.devices[src]
-            continue
-        if len(s_in) >= 3 and s_in[:2] == s_out[:2] and _keeps_channel_dim(node, mods, len(s_in), len(s_out)):
-            continue
-        if s_in[:2] == s_out[:2] and math.prod(s_in[2:]) == math.prod(s_out[2:]):
-            # e.g. s.view(b, c, 1, 1) in squeeze-excitation: same channels, new spatial dims.
-            # Rebuild it from ops that never name the channel count.
-            new, shape = src, s_in
-            steps: list[tuple[Callable[..., Any], tuple[Any, ...], tuple[int, ...]]] = []
-            if len(s_in) == 2:
-                steps.append((torch.unsqueeze, (2,), (*s_in, 1)))
-            elif len(s_in) > 3:
-                steps.append((torch.flatten, (2,), (*s_in[:2], math.prod(s_in[2:]))))
-            if len(s_out) > 3 or (len(s_out) == 3 and s_out[2] != math.prod(s_in[2:])):
-                steps.append((torch.unflatten, (2, tuple(s_out[2:])), s_out))
-            for fn, extra, shape in steps:
-                with graph.inserting_before(node):
-                    new = graph.call_function(fn, (new, *extra))
-                probe.shapes[new] = shape
-                probe.dtypes[new] = probe.dtypes[src]
-                probe.devices[new] = probe.devices[src]
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            continue
-        raise _unsupported(node, mods, f"reshapes {s_in} to {s_out} across the channel dimension")
-    graph.eliminate_dead_code()
-    gm.recompile()
-
-
-# --------------------------------------------------------------------------------------------
-# Layouts and the dependency graph
-# --------------------------------------------------------------------------------------------
+from ._trace import _Probe, _arg, _unsupported
+from ._types import ChannelGroup, UnsupportedModel
 
 
 class _UnionFind:
@@ -582,9 +105,6 @@ def _zero_padded(conv: nn.Module) -> bool:
         return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
     return any(p > 0 for p in conv.padding)
 
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "x".join(str(d) for d in shape) if shape else "-"
 
 
 def _weight_shape(mod: nn.Module) -> tuple[int, ...]:
@@ -673,7 +193,7 @@ class _Graph:
 
     def meta(self, node: fx.Node) -> None:
         """Non-tensor nodes: shape reads are fine unless they read the channel count."""
-        if node.op == "call_method" and node.target in _META_METHODS:
+        if node.op == "call_method" and node.target in META_METHODS:
             src = node.args[0]
             if node.target == "size":
                 d = _arg(node, 1, "dim")
@@ -698,15 +218,15 @@ class _Graph:
         if node.op == "call_module":
             mod = self.mods[node.target]
             t = type(mod)
-            if t in _LINEAR_TYPES or t in _CONV_TYPES:
+            if t in LINEAR_TYPES or t in CONV_TYPES:
                 return self.layer(node, mod, srcs)
-            if t in _BN_TYPES:
+            if t in BN_TYPES:
                 return self.channelwise(node, srcs, channel_param=mod)
             if t is nn.PReLU:
                 return self.channelwise(node, srcs, channel_param=mod if mod.num_parameters > 1 else None)
-            if t in _CHANNELWISE_MODULES:
+            if t in CHANNELWISE_MODULES:
                 return self.channelwise(node, srcs)
-            if t in _SPATIAL_MODULES:
+            if t in SPATIAL_MODULES:
                 if getattr(mod, "return_indices", False):
                     raise self.err(node, "returns pooling indices")
                 return self.channelwise(node, srcs, spatial=True)
@@ -717,34 +237,34 @@ class _Graph:
             raise self.err(node, "is not a layer shrink knows how to follow")
         if node.op == "call_function":
             tgt = node.target
-            if tgt in _CHANNELWISE_FUNCS:
-                if tgt in _DROPOUT_TRAINING_DEFAULT and _arg(node, 2, "training", _DROPOUT_TRAINING_DEFAULT[tgt]):
+            if tgt in CHANNELWISE_FUNCS:
+                if tgt in DROPOUT_TRAINING_DEFAULT and _arg(node, 2, "training", DROPOUT_TRAINING_DEFAULT[tgt]):
                     raise self.err(node, "applies dropout in eval mode (training=True)")
                 return self.channelwise(node, srcs)
-            if tgt in _SPATIAL_FUNCS:
+            if tgt in SPATIAL_FUNCS:
                 return self.channelwise(node, srcs, spatial=True)
-            if tgt in _BINARY_FUNCS:
+            if tgt in BINARY_FUNCS:
                 return self.binary(node, srcs)
-            if tgt in _REDUCE_FUNCS:
+            if tgt in REDUCE_FUNCS:
                 return self.reduce(node, srcs, _arg(node, 1, "dim"))
-            if tgt in _SOFTMAX_FUNCS:
+            if tgt in SOFTMAX_FUNCS:
                 return self.softmax(node, srcs, _arg(node, 1, "dim"))
-            if tgt in _CAT_FUNCS:
+            if tgt in CAT_FUNCS:
                 return self.cat(node)
-            if tgt in _SHAPE_FUNCS:
+            if tgt in SHAPE_FUNCS:
                 return self.reshape(node, srcs)
             raise self.err(node, "is not an op shrink understands")
         if node.op == "call_method":
             m = node.target
-            if m in _CHANNELWISE_METHODS:
+            if m in CHANNELWISE_METHODS:
                 return self.channelwise(node, srcs)
-            if m in _BINARY_METHODS:
+            if m in BINARY_METHODS:
                 return self.binary(node, srcs)
-            if m in _REDUCE_METHODS:
+            if m in REDUCE_METHODS:
                 return self.reduce(node, srcs, _arg(node, 1, "dim"))
-            if m in _SOFTMAX_METHODS:
+            if m in SOFTMAX_METHODS:
                 return self.softmax(node, srcs, _arg(node, 1, "dim"))
-            if m in _SHAPE_METHODS:
+            if m in SHAPE_METHODS:
                 return self.reshape(node, srcs)
             raise self.err(node, "is not an op shrink understands")
         raise self.err(node, "is not an op shrink understands")
@@ -806,7 +326,7 @@ class _Graph:
             n = getattr(channel_param, "num_features", None) or getattr(channel_param, "num_parameters")
             if n != sum(lay.blocks):
                 raise self.err(node, f"has {n} channels but its input has {sum(lay.blocks)}")
-            if type(channel_param) in _BN_TYPES and channel_param.affine:
+            if type(channel_param) in BN_TYPES and channel_param.affine:
                 # a zero scale makes the channel constant (beta) whatever comes in
                 starts = np.cumsum([0] + lay.blocks[:-1])
                 gamma = channel_param.weight.detach().cpu().numpy()[starts]
@@ -876,7 +396,7 @@ class _Graph:
             for a, b in zip(base.slots, other.slots):
                 self.uf.union(a, b)
         consts = self.eval_consts(node, srcs, base.blocks)
-        if node.target in _MUL_OPS:
+        if node.target in MUL_OPS:
             # a zero channel times anything finite is zero (squeeze-excitation gates, masks)
             for src in srcs:
                 lay = self.layouts[src]
@@ -917,7 +437,7 @@ class _Graph:
         w64 = w.to(torch.float64).cpu()
         s_in = self.probe.shapes[src]
         known, k = lay.known(), lay.values()
-        is_conv = type(mod) in _CONV_TYPES
+        is_conv = type(mod) in CONV_TYPES
         if is_conv:
             if len(s_in) != w.dim() or any(b != 1 for b in lay.blocks) or len(lay.blocks) != mod.in_channels:
                 raise self.err(node, f"gets an input shaped {s_in}")
@@ -1100,7 +620,7 @@ class _Graph:
             raise RuntimeError(f"shrink: internal error, unequal group widths in {L.name}")
         dev = w.device
         ridx = torch.tensor(keep_rows, dtype=torch.long, device=dev)
-        if type(mod) in _LINEAR_TYPES:
+        if type(mod) in LINEAR_TYPES:
             fmask = torch.from_numpy(np.repeat(cols, self.layouts[L.src].blocks)).to(dev)
             new_w = w[ridx][:, fmask]
             mod.in_features, mod.out_features = int(fmask.sum()), len(keep_rows)
@@ -1134,7 +654,7 @@ class _Graph:
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module":
             bn = self.mods[users[0].target]
-            if type(bn) in _BN_TYPES and bn.running_mean is not None:
+            if type(bn) in BN_TYPES and bn.running_mean is not None:
                 return bn
         return None
 
@@ -1182,7 +702,7 @@ class _Graph:
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
                 mod = self.mods[node.target]
-                if type(mod) in _LINEAR_TYPES + _CONV_TYPES + _BN_TYPES:
+                if type(mod) in LINEAR_TYPES + CONV_TYPES + BN_TYPES:
                     out.append((str(node.target), type(mod).__name__, _weight_shape(mod),
                                 _n_params(mod, recurse=False)))
         return out
@@ -1270,54 +790,3 @@ def _slice_channel_params(mod: nn.Module, keep: Tensor) -> None:
     mod.num_features = int(keep.sum())
 
 
-# --------------------------------------------------------------------------------------------
-# BatchNorm fusion and verification
-# --------------------------------------------------------------------------------------------
-
-
-def _fuse_batchnorms(gm: fx.GraphModule, notes: list[str]) -> None:
-    mods = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(mods.get(node.target)) not in _BN_TYPES:
-            continue
-        bn = mods[node.target]
-        src = node.args[0]
-        if (not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
-                or type(mods[src.target]) not in _LINEAR_TYPES + _CONV_TYPES or bn.running_mean is None):
-            notes.append(f"{node.target}: not fused (it does not directly follow a Linear/Conv "
-                         "used only by it, or has no running statistics)")
-            continue
-        layer = mods[src.target]
-        w = layer.weight.detach()
-        scale = (bn.weight.detach().double() if bn.affine
-                 else torch.ones(bn.num_features, dtype=torch.float64, device=w.device))
-        scale = scale / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(scale)
-        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
-        new_w = w.double() * scale.view(-1, *([1] * (w.dim() - 1)))
-        new_b = (b - bn.running_mean.double()) * scale + shift
-        _set_param(layer, "weight", new_w.to(w.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_b.to(w.dtype), requires_grad=layer.weight.requires_grad)
-        else:
-            _set_param(layer, "bias", new_b.to(w.dtype))
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-
-
-def _verify(gm: fx.GraphModule, inputs: Iterable[Tensor], refs: list[Any]) -> None:
-    """Never hand back a wrong model: compare with the original on the probe inputs."""
-    for x, ref in zip(inputs, refs):
-        got = gm(x)
-        flat_ref, _ = torch.utils._pytree.tree_flatten(ref)
-        flat_got, _ = torch.utils._pytree.tree_flatten(got)
-        for a, b in zip(flat_got, flat_ref):
-            if not isinstance(b, Tensor):
-                continue
-            scale = float(b.abs().max()) if b.numel() else 0.0
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-5 + 1e-4 * scale):
-                diff = (a - b).abs().max().item() if a.shape == b.shape else float("nan")
-                raise RuntimeError(
-                    f"shrink: internal error, the shrunk model's outputs differ from the original "
-                    f"(max abs diff {diff:.3g}); please report this model"
-                )

@@ -1,0 +1,238 @@
+"""Benchmark `compressor.shrink`: does removing zeroed channels buy the speed the MACs promise?
+
+For every zoo model: random BatchNorm statistics, then 50 % of the channels of every coupled
+group zeroed (random; groups from `channel_groups`, so residual adds, depthwise convs and the
+logits layer are respected), then `shrink`. Both the zeroed dense model and the shrunk one are
+exported to ONNX (in memory) and timed in ONNX Runtime on one thread, at batch 1 and batch 64,
+dense and shrunk runs interleaved so that load from other processes hits both alike.
+
+The issue's target: the batch-64 latency ratio (shrunk / dense) within 20 % of the MACs ratio,
+i.e. 0.8 <= latency_ratio / macs_ratio <= 1.2.
+
+    python bench/bench_shrink.py [--models vgg16 resnet32] [--out bench/results/shrink.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from compressor.shrink import channel_groups, shrink  # noqa: E402
+
+MNIST = (1, 28, 28)
+CIFAR = (3, 32, 32)
+ZOO = {"lenet300": MNIST, "lenet5": MNIST, "resnet32": CIFAR, "vgg16": CIFAR, "mobilenetv2": CIFAR}
+# (warm-up, timed runs) per batch size; the big models get fewer batch-64 runs
+RUNS = {1: (10, 200), 64: (3, 40)}
+RUNS_BIG = {1: (5, 100), 64: (2, 15)}
+BIG = {"vgg16", "mobilenetv2"}
+
+
+def randomize_bn(model: nn.Module, shape: tuple[int, ...], gen: torch.Generator) -> None:
+    """Random affine parameters and batch-estimated running statistics (as after training)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=gen) * 0.2)
+            bn.momentum = 1.0
+        if bns:
+            model.train()
+            model(torch.randn(16, *shape, generator=gen))
+        for bn in bns:
+            bn.momentum = 0.1
+    model.eval()
+
+
+def zero_channels(model: nn.Module, example: torch.Tensor, frac: float, gen: torch.Generator) -> int:
+    """Zero `frac` of every coupled group's channels; return how many channels were zeroed."""
+    mods = dict(model.named_modules())
+    zeroed = 0
+    with torch.no_grad():
+        for group in channel_groups(model, example):
+            n = len(group.channels)
+            if group.pinned or n < 2 or not any(r in ("out", "dw") for _, r in group.members):
+                continue
+            k = min(n - 1, round(frac * n))
+            for i in torch.randperm(n, generator=gen)[:k].tolist():
+                for (name, role), idx in zip(group.members, group.channels[i]):
+                    if role in ("out", "dw", "bn"):
+                        mod = mods[name]
+                        mod.weight[idx] = 0
+                        if mod.bias is not None:
+                            mod.bias[idx] = 0
+            zeroed += k
+    return zeroed
+
+
+def count_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates per sample of the Linear and Conv layers."""
+    total = 0
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        per_out = out[0].numel()
+        if isinstance(mod, nn.Linear):
+            total += per_out * mod.in_features
+        else:
+            total += per_out * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            model, (torch.randn(2, *shape),), dynamo=True, external_data=False, opset_version=18,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(prog.model_proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def time_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray,
+              warmup: int, runs: int) -> tuple[float, float]:
+    """Median seconds per run of `a` and `b`, runs interleaved."""
+    feeds = [{s.get_inputs()[0].name: x} for s in (a, b)]
+    for _ in range(warmup):
+        a.run(None, feeds[0])
+        b.run(None, feeds[1])
+    ta, tb = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        a.run(None, feeds[0])
+        t1 = time.perf_counter()
+        b.run(None, feeds[1])
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_model(name: str, seed: int) -> dict:
+    shape = ZOO[name]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dense = models.build(name, shape, 10)
+    randomize_bn(dense, shape, gen)
+    example = torch.randn(2, *shape, generator=gen)
+    zeroed = zero_channels(dense, example, 0.5, gen)
+    t0 = time.perf_counter()
+    res = shrink(dense, example)
+    shrink_s = time.perf_counter() - t0
+    small = res.model
+    s_dense, s_small = to_session(dense, shape), to_session(small, shape)
+    x1 = torch.randn(1, *shape, generator=gen).numpy()
+    parity = float(np.abs(s_dense.run(None, {s_dense.get_inputs()[0].name: x1})[0]
+                          - s_small.run(None, {s_small.get_inputs()[0].name: x1})[0]).max())
+    runs = RUNS_BIG if name in BIG else RUNS
+    lat = {}
+    for batch in (1, 64):
+        x = torch.randn(batch, *shape, generator=gen).numpy()
+        td, ts = time_pair(s_dense, s_small, x, *runs[batch])
+        lat[batch] = {"dense_ms": 1e3 * td, "shrunk_ms": 1e3 * ts, "ratio": ts / td, "runs": runs[batch][1]}
+    macs_d, macs_s = count_macs(dense, shape), count_macs(small, shape)
+    macs_ratio = macs_s / macs_d
+    agreement = lat[64]["ratio"] / macs_ratio
+    return {
+        "model": name,
+        "input_shape": list(shape),
+        "channels_zeroed": zeroed,
+        "params_dense": res.params_before,
+        "params_shrunk": res.params_after,
+        "macs_dense": macs_d,
+        "macs_shrunk": macs_s,
+        "macs_ratio": macs_ratio,
+        "latency": {f"b{b}": v for b, v in lat.items()},
+        "latency_ratio_b1": lat[1]["ratio"],
+        "latency_ratio_b64": lat[64]["ratio"],
+        "b64_latency_over_macs_ratio": agreement,
+        "b64_within_20pct_of_macs": bool(0.8 <= agreement <= 1.2),
+        "shrink_seconds": shrink_s,
+        "ort_max_abs_diff_b1": parity,
+        "notes": res.notes,
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("model", "params dense", "params shrunk", "MACs ratio", "lat ratio b1", "lat ratio b64",
+            "b64 ms dense->shrunk", "b64 within 20%")
+    table = [head]
+    for r in rows:
+        b64 = r["latency"]["b64"]
+        table.append((
+            r["model"], f"{r['params_dense']:,}", f"{r['params_shrunk']:,}", f"{r['macs_ratio']:.3f}",
+            f"{r['latency_ratio_b1']:.3f}", f"{r['latency_ratio_b64']:.3f}",
+            f"{b64['dense_ms']:.1f} -> {b64['shrunk_ms']:.1f}",
+            ("yes" if r["b64_within_20pct_of_macs"] else "NO") + f" ({r['b64_latency_over_macs_ratio']:.2f}x)",
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "shrink.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" chatter
+    rows = []
+    for name in args.models:
+        t0 = time.perf_counter()
+        rows.append(bench_model(name, args.seed))
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "shrink: 50 % of channels zeroed per coupled group, dense vs shrunk ONNX",
+        "target": "batch-64 latency ratio within 20 % of the MACs ratio (0.8 <= lat/MACs <= 1.2)",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "ort_threads": 1, "load_average_at_end": os.getloadavg(),
+        },
+        "timing": "median of interleaved runs; ms per batch; ratio = shrunk / dense",
+        "models": rows,
+    }
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

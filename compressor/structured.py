@@ -1,0 +1,272 @@
+"""Neurons as prunable units: SeReNe's neuron sensitivity, its regularizer, and neuron pruning.
+
+A *neuron* is an output unit of a Linear layer or an output channel of a Conv layer, together
+with everything coupled to it: the BatchNorm channel that follows, a depthwise conv that
+passes the channel on, and, across residual adds, the channels of every branch that must go
+together. The coupling comes from the dependency graph of :mod:`compressor.shrink`, so a
+neuron pruned here is exactly a channel that physical removal can take out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .masks import Masks, prunable_parameters
+from .shrink import channel_groups
+
+_OWNING_ROLES = ("out", "dw", "bn")
+
+
+@dataclass
+class Neurons:
+    """The prunable neurons of a model and the parameter rows each one owns."""
+
+    count: int
+    # (parameter name, parameter, neuron index of each row; -1 = row owned by no prunable neuron)
+    rows: list[tuple[str, nn.Parameter, torch.Tensor]]
+    # (module name, neuron index of each output channel) for the modules whose outputs are
+    # the neurons' pre-activations
+    probes: list[tuple[str, torch.Tensor]]
+    # per neuron, the Linear/Conv layers whose width it counts towards
+    layers: list[tuple[str, ...]]
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def layer_of_each(self) -> dict[str, torch.Tensor]:
+        """Per layer, the indices of its neurons."""
+        out: dict[str, list[int]] = {}
+        for n, layer_names in enumerate(self.layers):
+            for name in layer_names:
+                out.setdefault(name, []).append(n)
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def find_neurons(model: nn.Module, example_input: torch.Tensor) -> Neurons:
+    """Trace ``model`` and list its prunable neurons (the logits and input are not prunable)."""
+    modules = dict(model.named_modules())
+    groups = [g for g in channel_groups(model, example_input) if not g.pinned]
+    row_owner: dict[str, torch.Tensor] = {}
+    probe_owner: dict[str, torch.Tensor] = {}
+    layers: list[tuple[str, ...]] = []
+    count = 0
+    for group in groups:
+        roles = [role for _, role in group.members]
+        probe_roles = ("bn",) if "bn" in roles else ("out", "dw")
+        for channel in group.channels:
+            neuron = count
+            count += 1
+            layer_names = []
+            for (name, role), index in zip(group.members, channel):
+                if role not in _OWNING_ROLES:
+                    continue
+                module = modules[name]
+                if name not in row_owner:
+                    row_owner[name] = torch.full((module.weight.shape[0],), -1, dtype=torch.long)
+                row_owner[name][index] = neuron
+                if role in probe_roles:
+                    if name not in probe_owner:
+                        probe_owner[name] = torch.full((module.weight.shape[0],), -1, dtype=torch.long)
+                    probe_owner[name][index] = neuron
+                if role == "out":
+                    layer_names.append(name)
+            layers.append(tuple(layer_names))
+    rows = []
+    for pname, p in prunable_parameters(model):
+        module_name = pname.rsplit(".", 1)[0] if "." in pname else ""
+        if module_name in row_owner:
+            rows.append((pname, p, row_owner[module_name].to(p.device)))
+    widths = {name: int((owner >= 0).sum()) for name, owner in row_owner.items() if name in {n for l in layers for n in l}}
+    return Neurons(count, rows, list(probe_owner.items()), layers, widths)
+
+
+class NeuronSensitivity:
+    """Per-neuron output sensitivity, measured on the batch that is being trained on.
+
+    S_n = (1/C) * sum_k E|dy_k/dz_n| (exact, C backward passes, batched) or the bound
+    S_n = (1/C) * E|sum_k dy_k/dz_n| (one extra backward), where z_n is the neuron's
+    pre-activation and E averages over the batch and spatial positions. Where a neuron has
+    several pre-activations (coupled channels), the largest sensitivity counts.
+    """
+
+    def __init__(self, model: nn.Module, neurons: Neurons, *, exact: bool = False) -> None:
+        self.neurons = neurons
+        self.exact = exact
+        modules = dict(model.named_modules())
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name, _ in neurons.probes]
+
+    def _hook(self, name: str):
+        def store(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and output.requires_grad:
+                self._outputs[name] = output
+
+        return store
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def compute(self, output: torch.Tensor) -> torch.Tensor:
+        """Sensitivity of every neuron for the forward pass that produced ``output``."""
+        names = [name for name, _ in self.neurons.probes if name in self._outputs]
+        tensors = [self._outputs[name] for name in names]
+        classes = output.shape[1]
+        if self.exact:
+            eye = torch.eye(classes, device=output.device, dtype=output.dtype)
+            grad_outputs = eye[:, None, :].expand(classes, *output.shape)
+            try:
+                grads = torch.autograd.grad(output, tensors, grad_outputs=grad_outputs, retain_graph=True, is_grads_batched=True)
+            except RuntimeError:  # no batching rule for some op: one backward per class
+                per_class = [torch.autograd.grad(output[:, k].sum(), tensors, retain_graph=True) for k in range(classes)]
+                grads = tuple(torch.stack([pc[i] for pc in per_class]) for i in range(len(tensors)))
+            # [C, B, channels, ...] -> mean |.| over batch and space, then sum over classes
+            per_channel = [_class_sum_channel_mean_abs(g) for g in grads]
+        else:
+            grads = torch.autograd.grad(output.sum(), tensors, retain_graph=True)
+            per_channel = [_channel_mean_abs(g) for g in grads]
+        sens = torch.zeros(self.neurons.count, device=output.device)
+        owners = dict(self.neurons.probes)
+        for name, s in zip(names, per_channel):
+            owner = owners[name].to(output.device)
+            valid = owner >= 0
+            sens.scatter_reduce_(0, owner[valid], s[valid] / classes, reduce="amax")
+        self._outputs.clear()
+        return sens
+
+
+def _channel_mean_abs(g: torch.Tensor) -> torch.Tensor:
+    """Mean |g| per channel (dim 1) over batch and spatial positions."""
+    return g.abs().transpose(0, 1).flatten(1).mean(1)
+
+
+def _class_sum_channel_mean_abs(g: torch.Tensor) -> torch.Tensor:
+    """For per-class gradients [C, B, ch, ...]: sum over classes of the per-channel mean |g|."""
+    return g.abs().transpose(1, 2).flatten(2).mean(2).sum(0)
+
+
+class SeReNe:
+    """SeReNe regularizer, optimizer-like::
+
+        out = model(x); reg.observe(out); loss.backward(); optimizer.step(); reg.step()
+
+    Every parameter row owned by neuron n (weight row or filter, bias, the following
+    BatchNorm's scale and shift) is shrunk together:
+    ``theta_n <- theta_n - lmbda * theta_n * max(0, 1 - S_n)``.
+    """
+
+    def __init__(self, model: nn.Module, neurons: Neurons, lmbda: float, masks: Masks | None = None, *, exact: bool = False) -> None:
+        self.neurons = neurons
+        self.lmbda = lmbda
+        self.masks = masks
+        self.sensitivity = NeuronSensitivity(model, neurons, exact=exact)
+        self.last: torch.Tensor | None = None
+
+    def observe(self, output: torch.Tensor) -> None:
+        self.last = self.sensitivity.compute(output)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (needed before tracing it, e.g. for physical removal)."""
+        self.sensitivity.remove()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.last is not None:
+            insensitivity = (1.0 - self.last).clamp_(min=0.0)
+            for _, p, owner in self.neurons.rows:
+                owner = owner.to(p.device)
+                factor = torch.where(owner >= 0, 1.0 - self.lmbda * insensitivity[owner.clamp(min=0)], 1.0)
+                p.mul_(factor.view(-1, *([1] * (p.dim() - 1))))
+        if self.masks is not None:
+            self.masks.apply()
+
+    def state_dict(self) -> dict:
+        return {"lmbda": self.lmbda}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lmbda = float(state["lmbda"])
+
+
+class NeuronPruner:
+    """Structured pruner: whole neurons, ranked by the L2 norm of the parameters they own
+    (default) or by their latest sensitivity; keeps at least ``min_width`` neurons in every
+    layer.
+
+    The L2 norm is comparable across layers: PyTorch's default initialisation gives every
+    weight row roughly the same norm whatever its fan-in, whereas the mean magnitude would
+    favour pruning the widest layers first."""
+
+    def __init__(self, neurons: Neurons, masks: Masks, *, min_width: int = 1, sensitivity: "SeReNe | None" = None) -> None:
+        self.neurons = neurons
+        self.masks = masks
+        self.min_width = min_width
+        self.by_sensitivity = sensitivity
+        self.alive = self.alive_from_masks()
+        self._order: list[int] = []
+        self._scores = torch.zeros(0)
+        self._saved: list[torch.Tensor] = []
+
+    def alive_from_masks(self) -> torch.Tensor:
+        """A neuron is alive while any of its rows has a surviving entry."""
+        alive_rows = torch.zeros(self.neurons.count, dtype=torch.long)
+        for name, p, owner in self.neurons.rows:
+            owner = owner.cpu()
+            valid = owner >= 0
+            rows_alive = self.masks.masks[name].reshape(p.shape[0], -1).any(1).cpu()
+            alive_rows.index_add_(0, owner[valid], rows_alive[valid].long())
+        return alive_rows > 0
+
+    def scores(self) -> torch.Tensor:
+        if self.by_sensitivity is not None and self.by_sensitivity.last is not None:
+            return self.by_sensitivity.last.detach().cpu()
+        sq = torch.zeros(self.neurons.count, dtype=torch.float64)
+        for _, p, owner in self.neurons.rows:
+            owner = owner.cpu()
+            valid = owner >= 0
+            rows = p.detach().cpu().double().reshape(p.shape[0], -1)
+            sq.index_add_(0, owner[valid], rows[valid].pow(2).sum(1))
+        return sq.sqrt().float()
+
+    def rank(self) -> int:
+        self._scores = self.scores()
+        candidates = torch.nonzero(self.alive).flatten()
+        order = candidates[torch.argsort(self._scores[candidates], stable=True)].tolist()
+        # Respect the minimum width: walk the ranking, skip neurons a layer cannot spare.
+        remaining = {name: int(self.alive[idx].sum()) for name, idx in self.neurons.layer_of_each().items()}
+        self._order = []
+        for n in order:
+            layers = self.neurons.layers[n]
+            if all(remaining[name] > self.min_width for name in layers):
+                self._order.append(n)
+                for name in layers:
+                    remaining[name] -= 1
+        self._saved = [p.detach().clone() for _, p, _ in self.neurons.rows]
+        return len(self._order)
+
+    def prune_first(self, k: int, *, permanent: bool) -> float:
+        dead = self.alive.clone()
+        dead[:] = False
+        dead[self._order[:k]] = True
+        with torch.no_grad():
+            for (name, p, owner), orig in zip(self.neurons.rows, self._saved):
+                owner_cpu = owner.cpu()
+                row_dead = (owner_cpu >= 0) & dead[owner_cpu.clamp(min=0)]
+                keep = (~row_dead).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+                if permanent:
+                    self.masks.masks[name] &= keep.expand_as(p)
+                p.copy_(orig * keep)
+        if permanent:
+            self.alive &= ~dead
+        return float(self._scores[self._order[k - 1]]) if k > 0 else 0.0
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (_, p, _), orig in zip(self.neurons.rows, self._saved):
+                p.copy_(orig)
+
+    def pruned_count(self) -> int:
+        return int((~self.alive).sum())
+
+    def remaining_per_layer(self) -> dict[str, int]:
+        return {name: int(self.alive[idx].sum()) for name, idx in self.neurons.layer_of_each().items()}
