@@ -126,7 +126,7 @@ class NeuronSensitivity:
         else:
             grads = torch.autograd.grad(output.sum(), tensors, retain_graph=True)
             per_channel = [_channel_mean_abs(g) for g in grads]
-        sens = torch.zeros(self.neurons.count, device=output.device)
+        sens = torch.zeros(self.neurons.count, device=output.device, dtype=output.dtype)
         owners = dict(self.neurons.probes)
         for name, s in zip(names, per_channel):
             owner = owners[name].to(output.device)

@@ -1,0 +1,212 @@
+"""SeReNe: neuron sensitivity against finite differences, the neuron regularizer, neuron pruning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compressor.masks import Masks, prunable_parameters
+from compressor.methods import PruningConfig, make
+from compressor.structured import NeuronPruner, NeuronSensitivity, SeReNe, find_neurons
+from compressor.train import Trainer, TrainConfig
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, bn: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5) if bn else nn.Identity()
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.bn(self.fc1(x))))
+
+
+class TinyConv(nn.Module):
+    def __init__(self, bn: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
+        self.act = nn.Tanh()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flat(self.act(self.bn(self.conv(x)))))
+
+
+CASES = [
+    pytest.param(TinyMLP, False, (4,), id="linear"),
+    pytest.param(TinyMLP, True, (4,), id="linear-bn"),
+    pytest.param(TinyConv, False, (2, 3, 3), id="conv"),
+    pytest.param(TinyConv, True, (2, 3, 3), id="conv-bn"),
+]
+
+
+def _build(cls, bn: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = cls(bn).double()
+    if bn:
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+            model.bn.weight.uniform_(0.5, 1.5)
+    return model.eval()  # eval: BatchNorm acts per sample, so finite differences are per sample
+
+
+def _finite_difference(model: nn.Module, probe: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """S_n by perturbing each pre-activation entry of each sample in turn."""
+    eps = 1e-6
+    base = model(x)
+    batch, classes = base.shape
+    z = probe_output = None
+
+    def capture(module, args, out):
+        nonlocal probe_output
+        probe_output = out
+
+    h = probe.register_forward_hook(capture)
+    model(x)
+    h.remove()
+    channels = probe_output.shape[1]
+    spatial = probe_output[0, 0].numel()
+    sens = torch.zeros(channels, dtype=torch.float64)
+    for n in range(channels):
+        total = 0.0
+        for b in range(batch):
+            for pos in range(spatial):
+                def bump(module, args, out, b=b, pos=pos, n=n):
+                    out = out.clone()
+                    out[b, n].view(-1)[pos] += eps
+                    return out
+
+                h = probe.register_forward_hook(bump)
+                with torch.no_grad():
+                    diff = (model(x)[b] - base[b]) / eps
+                h.remove()
+                total += float(diff.abs().sum() if exact else diff.sum().abs())
+        sens[n] = total / (batch * spatial) / classes
+    return sens
+
+
+@pytest.mark.parametrize("cls,bn,shape", CASES)
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bound"])
+def test_neuron_sensitivity_matches_finite_differences(cls, bn: bool, shape, exact: bool) -> None:
+    model = _build(cls, bn)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    neurons = find_neurons(model, x[:2])
+    assert neurons.count == (5 if cls is TinyMLP else 4)  # the logits layer is not prunable
+    probe_name = dict(neurons.probes)
+    probe = model.bn if bn else (model.fc1 if cls is TinyMLP else model.conv)
+    assert (("bn" if bn else ("fc1" if cls is TinyMLP else "conv")) in probe_name)
+    sens = NeuronSensitivity(model, neurons, exact=exact)
+    computed = sens.compute(model(x)).double()
+    sens.remove()
+    expected = _finite_difference(model, probe, x, exact)
+    torch.testing.assert_close(computed, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls,bn,shape", CASES)
+def test_bound_never_exceeds_exact(cls, bn: bool, shape) -> None:
+    model = _build(cls, bn).train()
+    x = torch.randn(8, *shape, dtype=torch.float64)
+    neurons = find_neurons(model, x[:2])
+    exact, bound = NeuronSensitivity(model, neurons, exact=True), NeuronSensitivity(model, neurons, exact=False)
+    out = model(x)
+    s_exact, s_bound = exact.compute(out), bound.compute(out)
+    assert torch.all(s_bound <= s_exact + 1e-12)
+    assert torch.any(s_bound < s_exact - 1e-9)
+
+
+def test_neuron_cut_off_from_the_logits_has_zero_sensitivity_and_shrinks() -> None:
+    torch.manual_seed(0)
+    model = TinyMLP(bn=False)
+    with torch.no_grad():
+        model.fc2.weight[:, 2] = 0.0  # hidden neuron 2 no longer reaches the outputs
+    x = torch.randn(6, 4)
+    neurons = find_neurons(model, x[:2])
+    reg = SeReNe(model, neurons, lmbda=0.1)
+    before_w, before_b = model.fc1.weight[2].clone(), model.fc1.bias[2].clone()
+    out = model(x)
+    reg.observe(out)
+    assert reg.last[2] == 0 and torch.all(reg.last[[0, 1, 3, 4]] > 0)
+    reg.step()
+    torch.testing.assert_close(model.fc1.weight[2], before_w * 0.9)
+    torch.testing.assert_close(model.fc1.bias[2], before_b * 0.9)
+
+
+def test_regularizer_shrinks_every_parameter_of_a_neuron_together() -> None:
+    model = _build(TinyConv, True).float().train()
+    x = torch.randn(4, 2, 3, 3)
+    neurons = find_neurons(model, x[:2])
+    reg = SeReNe(model, neurons, lmbda=0.5)
+    reg.observe(model(x))
+    factor = 1 - 0.5 * (1 - reg.last).clamp(min=0)
+    consumer = model.fc.weight.detach().clone()
+    expected = {name: p.detach().clone() for name, p in [("conv.weight", model.conv.weight), ("conv.bias", model.conv.bias),
+                                                         ("bn.weight", model.bn.weight), ("bn.bias", model.bn.bias)]}
+    reg.step()
+    for name, value in expected.items():
+        p = dict(model.named_parameters())[name]
+        torch.testing.assert_close(p.detach(), value * factor.view(-1, *([1] * (p.dim() - 1))), msg=name)
+    # the consumer's input weights do not belong to the neuron: untouched
+    assert torch.equal(model.fc.weight.detach(), consumer)
+
+
+def test_pruned_neurons_stay_zero_through_training(synthetic) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    import models
+
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    masks = Masks(prunable_parameters(model))
+    neurons = find_neurons(model, data.train.x[:2])
+    reg = SeReNe(model, neurons, lmbda=1e-2, masks=masks)
+    pruner = NeuronPruner(neurons, masks)
+    pruner.rank()
+    pruner.prune_first(50, permanent=True)
+    dead = (~pruner.alive).nonzero().flatten().tolist()
+    assert len(dead) == 50
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(15):
+        idx = torch.randint(0, len(data.train), (16,))
+        opt.zero_grad()
+        out = model(data.train.x[idx])
+        reg.observe(out)
+        nn.functional.cross_entropy(out, data.train.y[idx]).backward()
+        opt.step()
+        reg.step()
+    for name, p, owner in neurons.rows:
+        rows = torch.isin(owner, torch.tensor(dead))
+        assert torch.all(p.detach()[rows] == 0), name
+    assert pruner.alive_from_masks().tolist() == pruner.alive.tolist()
+
+
+def test_min_width_keeps_every_layer_alive(synthetic) -> None:
+    data = synthetic(n=32)
+    import models
+
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    masks = Masks(prunable_parameters(model))
+    pruner = NeuronPruner(find_neurons(model, data.train.x[:2]), masks, min_width=3)
+    n = pruner.rank()
+    assert n == 300 + 100 - 2 * 3
+    pruner.prune_first(n, permanent=True)
+    assert pruner.remaining_per_layer() == {"fc1": 3, "fc2": 3}
+
+
+def test_serene_plugin_prunes_whole_neurons(synthetic) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    import models
+
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    plugin = make("serene", PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2), data.train.x[:2])
+    Trainer(model, data, TrainConfig(epochs=20, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
+    remaining = plugin.pruner.remaining_per_layer()
+    assert remaining["fc1"] + remaining["fc2"] < 400
+    # a pruned neuron is entirely zero: its weight row and bias
+    dead = (model.fc1.weight == 0).all(1)
+    assert torch.all(model.fc1.bias[dead] == 0) and int(dead.sum()) == 300 - remaining["fc1"]
