@@ -90,6 +90,12 @@ def cli() -> None:
 @click.option("--no-physical-removal", is_flag=True,
               help="Export the pruned model as it is, without removing dead neurons/channels.")
 @click.option("--fuse-bn", is_flag=True, help="Fold BatchNorm into the preceding Conv/Linear before export.")
+@click.option("--format", "encoding", type=click.Choice(["auto", "dense", "bitmask", "csr", "rel", "coo"]), default="auto",
+              show_default=True,
+              help="Storage of sparse weights in the ONNX file: auto picks the smallest per tensor; bitmask/csr/rel are "
+                   "decoded by standard ops that onnxruntime folds at load; coo is ONNX's own sparse tensor (for .ort/minimal builds).")
+@click.option("--runtime-sparse", is_flag=True,
+              help="Execute sparse Linear layers (>= 90 % zeros) sparsely in onnxruntime: less memory, faster at small batch.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
@@ -99,7 +105,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 save_checkpoint: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float, target_sparsity: float | None, exact_sensitivity: bool,
                 min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
-                opset: int, quiet: bool) -> None:
+                encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
     from .pipeline import Job, run  # heavy imports only when there is work to do
@@ -123,7 +129,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
               val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path,
               save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
-              physical_removal=not no_physical_removal, fuse_bn=fuse_bn,
+              physical_removal=not no_physical_removal, fuse_bn=fuse_bn, encoding=encoding, runtime_sparse=runtime_sparse,
               progress=not quiet and sys.stderr.isatty(), command=_command_line(ctx))
     run(job, log=lambda msg: click.echo(msg, err=True))
 

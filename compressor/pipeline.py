@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from exporters import onnx_export, report as reporting
+from exporters import onnx_export, report as reporting, sparse_onnx
 
 from . import checkpoint
 from .atomic import check_writable
@@ -44,6 +44,8 @@ class Job:
     opset: int = onnx_export.DEFAULT_OPSET
     physical_removal: bool = True
     fuse_bn: bool = False
+    encoding: str = "auto"
+    runtime_sparse: bool = False
     progress: bool = True
     command: str = ""
 
@@ -105,7 +107,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     timings["shrink_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    exported = export_verified(model, data, job.out, opset=job.opset, log=log)
+    exported = export_verified(model, data, job.out, opset=job.opset, encoding=job.encoding,
+                               runtime_sparse=job.runtime_sparse, log=log)
     timings["export_s"] = time.perf_counter() - t0
 
     rep = build_report(job, loaded, data, model, trainer, result, exported, timings)
@@ -144,9 +147,24 @@ def remove_dead_neurons(
     }
 
 
-def export_verified(model: torch.nn.Module, data: Dataset, out: Path, *, opset: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Export, check, verify parity in onnxruntime, measure ORT accuracy, then write ``out``."""
+def export_verified(
+    model: torch.nn.Module,
+    data: Dataset,
+    out: str | Path,
+    *,
+    opset: int = onnx_export.DEFAULT_OPSET,
+    encoding: str = "auto",
+    runtime_sparse: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export, encode sparse weights compactly, check, verify parity and accuracy in
+    onnxruntime, and only then write ``out``."""
     proto = onnx_export.to_onnx(model, data.test.x[:2], opset=opset)
+    encodings: list[sparse_onnx.TensorEncoding] = []
+    if encoding != "dense":
+        proto, encodings = sparse_onnx.compact(proto, encoding)
+    if runtime_sparse:
+        proto = sparse_onnx.runtime_sparse_linear(proto)
     onnx_export.check(proto)
     sess = onnx_export.session(proto)
     parity = onnx_export.verify(model, sess, data.test.x[:PARITY_SAMPLES])
@@ -156,13 +174,18 @@ def export_verified(model: torch.nn.Module, data: Dataset, out: Path, *, opset: 
             f"onnxruntime disagrees with PyTorch: max abs difference {parity.max_abs_diff:.3g} > {parity.tolerance:.3g}; nothing was written"
         )
     onnx_accuracy = onnx_export.accuracy(sess, data.test.x, data.test.y)
-    files = onnx_export.save(proto, out)
+    leftover = sparse_onnx.decode_ops_remaining(proto) if any(e.format not in ("dense", "coo") for e in encodings) else []
+    files = onnx_export.save(proto, Path(out))
     return {
         "file_bytes": sum(f.stat().st_size for f in files),
         "files": [str(f) for f in files],
         "opset": opset,
         "parity": parity,
         "onnx_accuracy": onnx_accuracy,
+        "encoding": encoding,
+        "runtime_sparse": runtime_sparse,
+        "encodings": [asdict(e) for e in encodings],
+        "decode_ops_after_load": leftover,
     }
 
 
@@ -214,6 +237,10 @@ def build_report(
             "file_bytes": exported["file_bytes"],
             "files": [Path(f).name for f in exported["files"]],
             "opset": exported["opset"],
+            "encoding": exported["encoding"],
+            "runtime_sparse": exported["runtime_sparse"],
+            "tensor_encodings": exported["encodings"],
+            "decode_ops_after_load": exported["decode_ops_after_load"],
             "dense_fp32_bytes": 4 * total,
             "params_total": total,
             "params_nonzero": nonzero,
