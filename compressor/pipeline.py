@@ -113,7 +113,9 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     rep = build_report(job, loaded, data, model, trainer, result, exported, timings)
     rep["physical_removal"] = removal
-    rep["size"]["params_before_removal"] = reporting.count_params(pruned_model)[0]
+    original_params = reporting.count_params(pruned_model)[0]
+    rep["size"]["params_original"] = original_params
+    rep["size"]["remaining_fraction"] = rep["size"]["params_nonzero"] / original_params
     json_path, md_path = reporting.write(rep, job.report_path())
     log(f"wrote {job.out} ({exported['file_bytes']:,} bytes), {json_path}, {md_path}")
     return rep

@@ -188,3 +188,40 @@ def test_console_script_is_installed() -> None:
     assert exe.exists(), "pip install -e . should install the compress console script"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "MODEL" in res.stdout and "compare" in res.stdout
+
+
+DIGITS_PRUNING = ["--epochs", "40", "--momentum", "0.9", "--pwe", "2", "--twt", "0.3", "--max-error-increase", "0.02", "-q"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lobster", "sensitivity", "magnitude"])
+def test_unstructured_methods_prune_80_percent_on_digits(method: str, dense_run: dict, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / f"{method}.onnx"
+    res = run_cli(str(dense_run["ckpt"]), "--method", method, "--data", "digits", "--out", str(out), *DIGITS_PRUNING)
+    assert res.code == 0, res
+    report = json.loads((tmp_path / f"{method}.report.json").read_text())
+    dense_accuracy = dense_run["report"]["quality"]["onnx_test_accuracy"]
+    assert report["size"]["remaining_fraction"] <= 0.20
+    assert report["quality"]["onnx_test_accuracy"] >= dense_accuracy - 0.03
+    history = report["training"]["history"]
+    assert any(h["threshold"] for h in history) and all("sparsity" in h for h in history)
+    # the compact encoding really shrinks the file
+    assert report["size"]["file_bytes"] < 0.35 * dense_run["report"]["size"]["file_bytes"]
+    assert report["size"]["decode_ops_after_load"] == []
+
+
+@pytest.mark.slow
+def test_serene_removes_a_third_of_the_hidden_neurons_on_digits(dense_run: dict, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "serene.onnx"
+    res = run_cli(str(dense_run["ckpt"]), "--method", "serene", "--data", "digits", "--out", str(out), *DIGITS_PRUNING)
+    assert res.code == 0, res
+    report = json.loads((tmp_path / "serene.report.json").read_text())
+    removal = report["physical_removal"]
+    assert removal["applied"]
+    widths = {layer["name"]: layer["after"][0] for layer in removal["layers"]}
+    assert widths["fc1"] + widths["fc2"] <= (300 + 100) * 2 / 3
+    assert widths["fc3"] == 10  # the logits keep their width
+    assert report["quality"]["onnx_test_accuracy"] >= dense_run["report"]["quality"]["onnx_test_accuracy"] - 0.03
+    # the exported model is the smaller dense one
+    assert report["size"]["params_total"] == removal["params_after"] < removal["params_before"]
+    assert report["size"]["file_bytes"] < 0.5 * dense_run["report"]["size"]["file_bytes"]
