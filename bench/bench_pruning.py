@@ -1,4 +1,4 @@
-"""Unstructured pruning on real MNIST: lobster vs sensitivity vs magnitude.
+"""Pruning on real MNIST: lobster vs sensitivity vs magnitude (unstructured) and serene (structured).
 
 One run per invocation; writes ``bench/results/pruning/<arch>-<method>[-tag].json`` with the
 settings, the per-epoch history and the model selected on validation (the sparsest whose
@@ -41,10 +41,53 @@ def layer_counts(model: torch.nn.Module) -> list[dict]:
     ]
 
 
+def deployment(arch: str, model: torch.nn.Module, data) -> dict:
+    """What the selected model costs once deployed: physical removal, MACs, compact ONNX
+    size against the information-theoretic bound, and onnxruntime latency vs the dense export."""
+    import numpy as np
+
+    import formats
+    from compressor.shrink import shrink
+    from exporters import onnx_export, sparse_onnx
+    from exporters.footprint import count_macs, interleaved_latency, single_thread_session
+
+    model = model.cpu().eval()
+    dense = models.build(arch, data.input_shape, data.num_classes).eval()
+    removal = shrink(model, data.test.x[:2])
+    small = removal.model
+    dense_proto = onnx_export.to_onnx(dense, data.test.x[:2])
+    small_proto = onnx_export.to_onnx(small, data.test.x[:2])
+    compact_proto, encodings = sparse_onnx.compact(small_proto, "auto")
+    sessions = [single_thread_session(p.SerializeToString()) for p in (dense_proto, compact_proto)]
+    latency = {}
+    for batch in (1, 64):
+        x = data.test.x[:batch].numpy()
+        d, c = interleaved_latency(sessions, x, runs=200 if batch == 1 else 50)
+        latency[f"batch{batch}"] = {"dense_ms": 1000 * d, "pruned_ms": 1000 * c, "speedup": d / c}
+    _, test_err = evaluate(small, data.test)
+    bound = sum(formats.size_bound(np.asarray(t)) for t in
+                (p.detach().numpy() for p in small.parameters()))
+    return {
+        "widths_after": [list(c.after[:1]) for c in removal.plan],
+        "plan": [{"name": c.name, "before": list(c.before), "after": list(c.after)} for c in removal.plan],
+        "params_before_removal": removal.params_before,
+        "params_after_removal": removal.params_after,
+        "macs_dense": count_macs(dense, data.input_shape),
+        "macs_after_removal": count_macs(small, data.input_shape),
+        "test_error_after_removal": test_err,
+        "onnx_bytes_dense": len(dense_proto.SerializeToString()),
+        "onnx_bytes_removed": len(small_proto.SerializeToString()),
+        "onnx_bytes_compact": len(compact_proto.SerializeToString()),
+        "parameter_bound_bytes": bound,
+        "encodings": [e.__dict__ for e in encodings],
+        "latency": latency,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", required=True, choices=["lenet300", "lenet5"])
-    ap.add_argument("--method", required=True, choices=["lobster", "sensitivity", "magnitude"])
+    ap.add_argument("--method", required=True, choices=["lobster", "sensitivity", "magnitude", "serene"])
     ap.add_argument("--data", default=f"mnist:{MNIST}")
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint instead of from scratch")
     ap.add_argument("--minutes", type=float, default=30.0)
@@ -58,6 +101,7 @@ def main() -> None:
     ap.add_argument("--pwe", type=int, default=5)
     ap.add_argument("--twt", type=float, default=0.05)
     ap.add_argument("--max-error-increase", type=float, default=0.005)
+    ap.add_argument("--min-width", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
@@ -75,17 +119,19 @@ def main() -> None:
     train_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                             lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed,
                             device="cpu", max_seconds=60 * args.minutes)
-    prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase)
+    prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
+                              min_width=args.min_width)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"
-    plugin = make(args.method, prune_cfg)
+    plugin = make(args.method, prune_cfg, example_input=data.train.x[:2])
     log = open(args.out_dir / f"{name}.log", "w", buffering=1)
     trainer = Trainer(model, data, train_cfg, workdir=args.out_dir / f"{name}.work", plugin=plugin, progress=False,
                       log=lambda s: print(s, file=log))
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started
+    plugin.detach()
     model.load_state_dict(result.best_state)
     _, test_err = evaluate(model, data.test)
     _, val_err = evaluate(model, data.val)
@@ -119,12 +165,16 @@ def main() -> None:
             "weights_pruned_fraction": 1 - w_nonzero / w_total,
             "layers": layers,
         },
+        "deployment": deployment(args.arch, model, data),
         "history": result.history,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     out.write_text(json.dumps(record, indent=1))
+    dep = record["deployment"]
     print(f"{name}: {100 * record['selected']['pruned_fraction']:.3f} % pruned ({record['selected']['compression']:.1f}x), "
-          f"test error {100 * test_err:.2f} %, {wall / 60:.1f} min -> {out}")
+          f"test error {100 * test_err:.2f} %, {wall / 60:.1f} min; after removal {dep['params_after_removal']:,} params, "
+          f"MACs /{dep['macs_dense'] / dep['macs_after_removal']:.1f}, ONNX {dep['onnx_bytes_compact']:,} B "
+          f"(dense {dep['onnx_bytes_dense']:,} B), b64 speed-up {dep['latency']['batch64']['speedup']:.2f}x -> {out}")
 
 
 if __name__ == "__main__":

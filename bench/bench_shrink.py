@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from compressor.shrink import channel_groups, shrink  # noqa: E402
+from exporters.footprint import count_macs, interleaved_latency  # noqa: E402
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -82,27 +82,6 @@ def zero_channels(model: nn.Module, example: torch.Tensor, frac: float, gen: tor
     return zeroed
 
 
-def count_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample of the Linear and Conv layers."""
-    total = 0
-
-    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        per_out = out[0].numel()
-        if isinstance(mod, nn.Linear):
-            total += per_out * mod.in_features
-        else:
-            total += per_out * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    with torch.no_grad():
-        model(torch.zeros(1, *shape))
-    for h in handles:
-        h.remove()
-    return total
-
-
 def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,20 +100,8 @@ def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession
 def time_pair(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray,
               warmup: int, runs: int) -> tuple[float, float]:
     """Median seconds per run of `a` and `b`, runs interleaved."""
-    feeds = [{s.get_inputs()[0].name: x} for s in (a, b)]
-    for _ in range(warmup):
-        a.run(None, feeds[0])
-        b.run(None, feeds[1])
-    ta, tb = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        a.run(None, feeds[0])
-        t1 = time.perf_counter()
-        b.run(None, feeds[1])
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return statistics.median(ta), statistics.median(tb)
+    ta, tb = interleaved_latency([a, b], x, warmup=warmup, runs=runs)
+    return ta, tb
 
 
 def bench_model(name: str, seed: int) -> dict:

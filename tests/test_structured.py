@@ -61,7 +61,7 @@ def _finite_difference(model: nn.Module, probe: nn.Module, x: torch.Tensor, exac
     eps = 1e-6
     base = model(x)
     batch, classes = base.shape
-    z = probe_output = None
+    probe_output = None
 
     def capture(module, args, out):
         nonlocal probe_output

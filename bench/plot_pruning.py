@@ -1,0 +1,77 @@
+"""Table and plot of the pruning benchmark: test error vs fraction of weights remaining.
+
+Reads every ``bench/results/pruning/*.json`` written by ``bench_pruning.py`` and writes
+``bench/results/pruning/summary.md`` and ``bench/results/pruning/<arch>.png``. For each run,
+the curve has one point per compression level reached: the epoch with the best validation
+error at that level, at its test error (as the LOBSTER authors log it). The table row is the
+model the run selected on validation.
+
+    python bench/plot_pruning.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pruning"
+
+
+def curve(history: list[dict]) -> list[tuple[float, float]]:
+    """(remaining fraction, test error) of the best-validated epoch at each sparsity level."""
+    best: dict[float, dict] = {}
+    for h in history:
+        level = round(h.get("sparsity", 0.0), 6)
+        if level not in best or h["val_error"] < best[level]["val_error"]:
+            best[level] = h
+    return sorted((1 - level, h["test_error"]) for level, h in best.items())
+
+
+def main() -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    if not runs:
+        sys.exit(f"no results in {RESULTS}")
+    lines = [
+        "| arch | method | tag | pruned | compression | test error | wall | params after removal | MACs ratio | ONNX bytes (dense -> compact) | b1 / b64 speed-up |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["arch"], r["method"], r["tag"])):
+        s, d = r["selected"], r.get("deployment", {})
+        lat = d.get("latency", {})
+        lines.append(
+            f"| {r['arch']} | {r['method']} | {r['tag'] or '-'} | {100 * s['pruned_fraction']:.2f} % | {s['compression']:.1f}x | "
+            f"{100 * s['test_error']:.2f} % | {r['wall_seconds'] / 60:.0f} min | "
+            f"{d.get('params_after_removal', 0):,} | {d.get('macs_dense', 0) / max(d.get('macs_after_removal', 1), 1):.1f}x | "
+            f"{d.get('onnx_bytes_dense', 0):,} -> {d.get('onnx_bytes_compact', 0):,} | "
+            f"{lat.get('batch1', {}).get('speedup', float('nan')):.2f}x / {lat.get('batch64', {}).get('speedup', float('nan')):.2f}x |"
+        )
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    for arch in sorted({r["arch"] for r in runs}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in runs:
+            if r["arch"] != arch:
+                continue
+            pts = curve(r["history"])
+            label = r["method"] + (f" ({r['tag']})" if r["tag"] else "")
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=label)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("fraction of parameters remaining (log scale)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{arch} on MNIST")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{arch}.png", dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
