@@ -84,6 +84,20 @@ def deployment(arch: str, model: torch.nn.Module, data) -> dict:
     }
 
 
+def redeploy(args: argparse.Namespace) -> None:
+    name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
+    path = args.out_dir / f"{name}.json"
+    record = json.loads(path.read_text())
+    data = load_dataset(args.data, seed=record["train_config"]["seed"])
+    model = models.build(args.arch, data.input_shape, data.num_classes)
+    best = checkpoint.load_safely(args.out_dir / f"{name}.work" / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    assert best["epoch"] == record["selected_epoch"], "best.pt is not the selected model"
+    record["deployment"] = deployment(args.arch, model, data)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"{name}: deployment metrics added to {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", required=True, choices=["lenet300", "lenet5"])
@@ -105,7 +119,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
+    ap.add_argument("--deploy-only", action="store_true",
+                    help="recompute only the deployment metrics of a finished run, from its workdir's best.pt")
     args = ap.parse_args()
+    if args.deploy_only:
+        redeploy(args)
+        return
     for key, value in default_recipe(args.method).items():
         if key != "epochs" and getattr(args, key) is None:
             setattr(args, key, value)

@@ -25,7 +25,10 @@ CHECKPOINT_FORMAT = "compress-checkpoint/1"
 def save(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Save ``obj`` with ``torch.save``, atomically."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch reports write failures (e.g. a full disk) this way
+            raise CompressError(f"cannot write {path} ({_first_line(exc)}); check free disk space and permissions") from exc
 
 
 def save_model(
