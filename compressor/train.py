@@ -112,6 +112,9 @@ class TrainingPlugin(Protocol):
     def should_stop(self) -> str | None:
         """A reason to stop training early, or None."""
 
+    def detach(self) -> None:
+        """Training is over: remove anything hooked into the model."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -172,6 +175,7 @@ class Trainer:
         self.best_key: tuple[float, float] | None = None
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] = {}
+        self.initial_val_error = float("nan")  # of the model before training: epoch 0
         if plugin is not None and hasattr(plugin, "attach"):
             plugin.attach(self.model, self.optimizer)
 
@@ -203,6 +207,7 @@ class Trainer:
             "best_key": list(self.best_key) if self.best_key else None,
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
+            "initial_val_error": self.initial_val_error,
             "plugin": self.plugin.state_dict() if self.plugin is not None and hasattr(self.plugin, "state_dict") else None,
             "data_fingerprint": self.data.test.fingerprint(),
         }
@@ -221,6 +226,7 @@ class Trainer:
         self.best_key = tuple(state["best_key"]) if state.get("best_key") else None
         self.best_epoch = int(state["best_epoch"])
         self.best_state = state["best_state"]
+        self.initial_val_error = float(state.get("initial_val_error", float("nan")))
         if self.plugin is not None and state.get("plugin") is not None:
             self.plugin.load_state_dict(state["plugin"])
 
@@ -290,6 +296,7 @@ class Trainer:
         stopped = "epoch budget reached"
         if self.epoch == 0 and not self.history:
             val_loss, val_err = self.evaluate(self.data.val)
+            self.initial_val_error = val_err
             self.best_key = self._selection_key({"val_loss": val_loss, "val_error": val_err, "sparsity": 0.0})
             self.best_epoch, self.best_state = 0, _copy_state(self.model)
         while self.epoch < cfg.epochs:
@@ -339,7 +346,7 @@ class Trainer:
         return TrainResult(
             history=self.history,
             best_epoch=self.best_epoch,
-            best_val_error=self.history[self.best_epoch - 1]["val_error"] if self.best_epoch > 0 else float("nan"),
+            best_val_error=self.history[self.best_epoch - 1]["val_error"] if self.best_epoch > 0 else self.initial_val_error,
             stopped_because=stopped,
             wall_seconds=time.perf_counter() - started,
             best_state=self.best_state,
