@@ -2,6 +2,7 @@
 
     compress MODEL --method METHOD --data SPEC --out OUT.onnx [options]
     compress compare A.report.json B.report.json [...]
+    compress report MODEL.onnx --data SPEC [--out PATH.report.json]
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def cli() -> None:
               help="Where checkpoints go (last.pt every epoch, best.pt). Default: OUT's name + .work/")
 @click.option("--resume", is_flag=True, help="Continue from WORKDIR/last.pt.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Report path. Default: OUT with .report.json (and .report.md).")
+              help="Report path. Default: OUT with .report.json (and .report.md, .report.html beside it).")
 @click.option("--save-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also save the final model as a checkpoint that `compress` accepts as MODEL.")
+@click.option("--baseline-report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A dense run's .report.json (same --data): its accuracy and file bytes are copied into this report.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="Allow MODEL to be a whole pickled nn.Module. Unpickling can run arbitrary code: only for files you trust.")
 @click.option("--lambda", "lmbda", type=float, default=1e-4, show_default=True,
@@ -102,7 +105,7 @@ def cli() -> None:
 def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out: Path, epochs: int | None, lr: float, momentum: float,
                 nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int,
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
-                save_checkpoint: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
+                save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float, target_sparsity: float | None, exact_sensitivity: bool,
                 min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
@@ -127,7 +130,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
         device=device,
     )
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
-              val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path,
+              val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path, baseline_report=baseline_report,
               save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
               physical_removal=not no_physical_removal, fuse_bn=fuse_bn, encoding=encoding, runtime_sparse=runtime_sparse,
               progress=not quiet and sys.stderr.isatty(), command=_command_line(ctx))
@@ -139,8 +142,36 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
 @click.option("--format", "fmt", type=click.Choice(["text", "md", "json"]), default="text", show_default=True)
 def compare_command(reports: tuple[Path, ...], fmt: str) -> None:
     """Side-by-side table of REPORTS (.report.json files), with ratios against the first."""
-    header, rows = reporting.compare(reports)
-    click.echo(reporting.render_table(header, rows, fmt), nl=False)
+    header, rows, data = reporting.compare_table(reports)
+    click.echo(reporting.render_table(header, rows, fmt, data=data if fmt == "json" else None), nl=False)
+
+
+@cli.command("report")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
+              help="Whose test split to measure accuracy on: digits | mnist[:DIR] | fashion-mnist[:DIR] | cifar10[:DIR] | npz:FILE. "
+                   "The model must take the data's normalized inputs [N, *shape] float32.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Report path. Default: MODEL with .report.json (and .report.md, .report.html).")
+@click.option("--baseline-report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A dense run's .report.json (same --data): its accuracy and file bytes are copied into this report.")
+@click.pass_context
+def report_command(ctx: click.Context, model: Path, data_spec: str, out: Path | None, baseline_report: Path | None) -> None:
+    """Measure any ONNX classifier MODEL (made by this tool or not): file, gzip and zstd bytes, parameters in
+    the graph, MACs, session memory and latency in a fresh process, and test accuracy in onnxruntime."""
+    from compressor.atomic import check_writable
+
+    out = out or reporting.default_path(model)
+    if not str(out).endswith(".json"):
+        raise CompressError(f"--out must end in .json (the .md and .html go beside it), got {out}")
+    if model.exists() and not model.is_file():
+        raise CompressError(f"{model} is a directory, not an ONNX file")
+    check_writable(out)
+    rep = reporting.external_report(model, data_spec, command=_command_line(ctx), baseline_path=baseline_report)
+    paths = reporting.write(rep, out)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+    header, rows, _ = reporting.compare_table([out])
+    click.echo(reporting.render_table(header, rows), nl=False)
 
 
 def default_recipe(method: str) -> dict[str, float | int | str]:

@@ -39,6 +39,7 @@ class Job:
     workdir: Path | None = None
     resume: bool = False
     report: Path | None = None
+    baseline_report: Path | None = None
     save_checkpoint: Path | None = None
     allow_unsafe_pickle: bool = False
     opset: int = onnx_export.DEFAULT_OPSET
@@ -71,6 +72,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     data = load_dataset(job.data, seed=job.train.seed, val_fraction=job.val_fraction)
     loaded = load_model(job.model, data, allow_unsafe_pickle=job.allow_unsafe_pickle)
     timings["load_s"] = time.perf_counter() - t0
+    # Read the dense baseline's report now: a wrong file fails before training, not after.
+    baseline = reporting.load_baseline(job.baseline_report, data.test.fingerprint()) if job.baseline_report else None
     log(f"model {loaded.name} ({loaded.source}), data {data.name}: "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test, input {tuple(data.input_shape)}, {data.num_classes} classes")
 
@@ -111,13 +114,10 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
                                runtime_sparse=job.runtime_sparse, log=log)
     timings["export_s"] = time.perf_counter() - t0
 
-    rep = build_report(job, loaded, data, model, trainer, result, exported, timings)
-    rep["physical_removal"] = removal
-    original_params = reporting.count_params(pruned_model)[0]
-    rep["size"]["params_original"] = original_params
-    rep["size"]["remaining_fraction"] = rep["size"]["params_nonzero"] / original_params
-    json_path, md_path = reporting.write(rep, job.report_path())
-    log(f"wrote {job.out} ({exported['file_bytes']:,} bytes), {json_path}, {md_path}")
+    rep = build_report(job, loaded, data, model, trainer, result, exported, timings,
+                       pruned_model=pruned_model, removal=removal, baseline=baseline, log=log)
+    json_path, md_path, html_path = reporting.write(rep, job.report_path())
+    log(f"wrote {job.out} ({exported['file_bytes']:,} bytes), {json_path}, {md_path}, {html_path}")
     return rep
 
 
@@ -200,12 +200,57 @@ def build_report(
     result: Any,
     exported: dict[str, Any],
     timings: dict[str, float],
+    *,
+    pruned_model: torch.nn.Module | None = None,
+    removal: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """The ``compress-report/2`` of one export: what the pipeline knows, plus the measurements
+    of the written file (sizes, parameters in the graph, MACs, runtime in a fresh process)."""
+    import onnx
+
+    from exporters import footprint
+
+    pruned_model = model if pruned_model is None else pruned_model
+    nulls: dict[str, str] = {}
+    t_measure = time.perf_counter()
     total, nonzero = reporting.count_params(model)
+    original = reporting.count_params(pruned_model)[0]
     sparsity = model_sparsity(model)
     _, test_error = evaluate(model, data.test)
     _, val_error = evaluate(model, data.val)
     parity = exported["parity"]
+    onnx_path = Path(exported["files"][0])
+    stored = onnx.load(str(onnx_path))
+    log("measuring the exported file (sizes, graph, runtime in a fresh process)")
+    measured = reporting.measure_artifact(onnx_path, stored, data.test.x[: max(reporting.LATENCY_BATCHES)].numpy(),
+                                          tuple(data.input_shape), nulls)
+    gm = measured["graph_macs"]
+    input_shape = tuple(data.input_shape)
+    compute = {
+        "macs_original": footprint.count_macs(pruned_model, input_shape),
+        "macs_exported": footprint.count_macs(model, input_shape),
+        "macs_nonzero_weights": footprint.count_macs(model, input_shape, nonzero_weights=True),
+        "onnx_graph_macs": gm["macs"] if gm else None,
+        "onnx_graph_macs_nonzero_weights": gm["macs_nonzero_weights"] if gm else None,
+        "source": "pytorch forward hooks on Linear/Conv (original: the model before physical removal); "
+                  "onnx_graph_*: Gemm/MatMul/Conv nodes of the exported file",
+    }
+    layers = reporting.merged_layers(pruned_model, model, stored, exported["encodings"])
+    timings["prune_s"] = None
+    nulls["timings.prune_s"] = reporting.PRUNE_S_REASON
+    if removal is None or not removal.get("applied"):
+        nulls["physical_removal.layers"] = (removal or {}).get("reason", "physical removal was not run")
+    if baseline is None:
+        nulls["quality.baseline"] = "no --baseline-report given"
+    else:
+        baseline = dict(baseline)
+        if baseline.get("onnx_test_accuracy") is not None:
+            baseline["onnx_test_accuracy_delta"] = exported["onnx_accuracy"] - baseline["onnx_test_accuracy"]
+    if result is None:
+        nulls["training.best_epoch"] = "no training requested"
+    timings["measure_s"] = time.perf_counter() - t_measure
     return {
         "schema": reporting.SCHEMA,
         "created": reporting.now(),
@@ -235,20 +280,30 @@ def build_report(
             "wall_seconds": result.wall_seconds if result else 0.0,
             "history": trainer.history,
         },
+        "physical_removal": removal,
         "size": {
             "file_bytes": exported["file_bytes"],
             "files": [Path(f).name for f in exported["files"]],
+            "gzip9_bytes": measured["gzip9_bytes"],
+            "zstd19_bytes": measured["zstd19_bytes"],
             "opset": exported["opset"],
             "encoding": exported["encoding"],
             "runtime_sparse": exported["runtime_sparse"],
             "tensor_encodings": exported["encodings"],
             "decode_ops_after_load": exported["decode_ops_after_load"],
-            "dense_fp32_bytes": 4 * total,
+            "params_original": original,
+            "dense_fp32_bytes_original": 4 * original,
             "params_total": total,
+            "dense_fp32_bytes": 4 * total,
             "params_nonzero": nonzero,
+            "remaining_fraction": nonzero / original if original else None,
             "prunable_sparsity": sparsity,
+            "params_source": "pytorch parameters of the exported model (weights and biases; not BatchNorm statistics)",
+            "onnx": reporting.size_onnx(measured),
         },
-        "layers": reporting.layer_table(model),
+        "layers": layers,
+        "compute": compute,
+        "runtime": measured["runtime"],
         "quality": {
             "onnx_test_accuracy": exported["onnx_accuracy"],
             "torch_test_accuracy": 1.0 - test_error,
@@ -256,8 +311,10 @@ def build_report(
             "max_abs_diff": parity.max_abs_diff,
             "parity_tolerance": parity.tolerance,
             "parity_samples": parity.samples,
+            "baseline": baseline,
         },
-        "timings": timings,
+        "timings": {k: timings.get(k) for k in reporting.REQUIRED_KEYS["timings"]},
+        "null_reasons": nulls,
     }
 
 
