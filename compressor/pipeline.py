@@ -13,7 +13,7 @@ from exporters import onnx_export, report as reporting, sparse_onnx
 
 from . import checkpoint
 from .atomic import check_writable
-from .data import Dataset, load_dataset
+from .data import Dataset, describe, load_dataset
 from .errors import CompressError
 from .loading import LoadedModel, load_model
 from .masks import model_sparsity
@@ -74,8 +74,7 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     timings["load_s"] = time.perf_counter() - t0
     # Read the dense baseline's report now: a wrong file fails before training, not after.
     baseline = reporting.load_baseline(job.baseline_report, data.test.fingerprint()) if job.baseline_report else None
-    log(f"model {loaded.name} ({loaded.source}), data {data.name}: "
-        f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test, input {tuple(data.input_shape)}, {data.num_classes} classes")
+    log(f"model {loaded.name} ({loaded.source}); data {describe(data)}")
 
     config = job.train
     if not job.epochs_given and job.method == "none" and loaded.trained:
