@@ -20,6 +20,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
+
+from exporters.onnx_export import subgraphs
 from torch import nn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -108,19 +110,8 @@ def compressed_sizes(files: list[Path]) -> dict[str, int | None]:
 # -- parameters in an ONNX graph --------------------------------------------------------------
 
 
-def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _subgraphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _subgraphs(g)
-
-
 def _all_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in _subgraphs(graph):
+    for g in subgraphs(graph):
         yield from g.initializer
         for sp in g.sparse_initializer:
             yield sp.values
@@ -151,7 +142,7 @@ def graph_constants(proto: onnx.ModelProto, base_dir: str | None = None) -> Iter
     ``Constant`` nodes. Yields ``(name, kind, dense shape, element type, non-zeros, stored bytes)``;
     a sparse tensor counts its dense shape and its stored values and indices.
     """
-    for g in _subgraphs(proto.graph):
+    for g in subgraphs(proto.graph):
         for t in g.initializer:
             yield t.name, "initializer", tuple(t.dims), t.data_type, _nonzero(t, base_dir), _tensor_bytes(t)
         for sp in g.sparse_initializer:

@@ -14,6 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -96,6 +97,18 @@ def strip_metadata(proto: onnx.ModelProto) -> None:
     proto.graph.doc_string = ""
     proto.doc_string = ""
     proto.producer_name = "compress"
+
+
+def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes' attributes (If/Loop bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from subgraphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from subgraphs(g)
 
 
 def check(proto: onnx.ModelProto) -> None:

@@ -46,6 +46,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import formats
+from exporters import onnx_export
 from exporters.onnx_export import ExportError
 
 ENCODINGS: tuple[str, ...] = ("auto", "dense", "bitmask", "csr", "rel", "coo")
@@ -397,14 +398,8 @@ def decode_ops_remaining(proto: onnx.ModelProto) -> list[str]:
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _walk_nodes(g)
+    for g in onnx_export.subgraphs(graph):
+        yield from g.node
 
 
 # ---------------------------------------------------------------------------------------------
