@@ -6,7 +6,6 @@ GPU machine with ``python -m pytest tests/test_cuda.py``.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
