@@ -24,9 +24,10 @@ from torch import nn
 
 from compressor.atomic import write_text
 from compressor.errors import CompressError
+from compressor.masks import PRUNABLE_LAYERS
 
 SCHEMA = "compress-report/2"
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d)
+PRUNABLE = PRUNABLE_LAYERS
 LATENCY_BATCHES = (1, 64)
 
 # The keys every compress-report/2 has, per section (a section may be null where it does not
@@ -79,25 +80,6 @@ def command_line() -> str:
     """The command as the user typed it (program name without its directory)."""
     argv = [Path(sys.argv[0]).name] + sys.argv[1:]
     return shlex.join(argv)
-
-
-def layer_table(model: nn.Module) -> list[dict[str, Any]]:
-    """Per prunable layer: weight shape, parameter count and non-zeros (weights and biases)."""
-    rows = []
-    for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE):
-            continue
-        params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
-        rows.append(
-            {
-                "name": name,
-                "type": type(module).__name__,
-                "weight_shape": list(module.weight.shape) if getattr(module, "weight", None) is not None else [],
-                "params": int(sum(p.numel() for p in params)),
-                "nonzero": int(sum(int(torch.count_nonzero(p)) for p in params)),
-            }
-        )
-    return rows
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -763,12 +745,6 @@ def compare_data(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], li
         rows.append({"label": label, "key": key, "kind": kind, "values": values,
                      "vs_first": vs, "vs_first_unit": "difference" if kind == "pct" else "ratio"})
     return columns, rows
-
-
-def compare(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a side-by-side table; ratios are against the first report."""
-    header, rows, _ = compare_table(paths)
-    return header, rows
 
 
 def compare_table(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
