@@ -69,6 +69,7 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
             check_writable(target)  # fail now, not after an hour of training
 
     t0 = time.perf_counter()
+    torch.manual_seed(job.train.seed)  # before the model is built: a fresh zoo model's weights depend on it
     data = load_dataset(job.data, seed=job.train.seed, val_fraction=job.val_fraction)
     loaded = load_model(job.model, data, allow_unsafe_pickle=job.allow_unsafe_pickle)
     timings["load_s"] = time.perf_counter() - t0
@@ -79,7 +80,6 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     config = job.train
     if not job.epochs_given and job.method == "none" and loaded.trained:
         config.epochs = 0  # a trained model with nothing to do: export it as it is
-    torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
     plugin = make_method(job.method, job.pruning, example_input=data.train.x[:2])

@@ -224,3 +224,17 @@ def test_serene_removes_a_third_of_the_hidden_neurons_on_digits(dense_run: dict,
     # the exported model is the smaller dense one
     assert report["size"]["params_total"] == removal["params_after"] < removal["params_before"]
     assert report["size"]["file_bytes"] < 0.5 * dense_run["report"]["size"]["file_bytes"]
+
+
+def test_same_seed_gives_the_same_model(run_cli, tmp_path: Path) -> None:
+    """Two runs in separate processes: initialisation, split and batch order all follow --seed."""
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.onnx"
+        res = subprocess.run([sys.executable, "-m", "compressor.cli", "lenet300", "--method", "none", "--data", "digits",
+                              "--epochs", "1", "--seed", "3", "--out", str(out), "-q"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        outs.append(json.loads((tmp_path / f"{name}.report.json").read_text()))
+    a, b = outs
+    assert a["training"]["history"][0]["train_loss"] == b["training"]["history"][0]["train_loss"]
+    assert a["quality"]["onnx_test_accuracy"] == b["quality"]["onnx_test_accuracy"]
