@@ -82,8 +82,9 @@ def cli() -> None:
               help="Plateau waiting epochs: prune after this many epochs without a 1 % validation-loss improvement.")
 @click.option("--twt", type=float, default=0.05, show_default=True,
               help="Threshold worsening tolerance: a prune may raise the validation loss by this factor.")
-@click.option("--max-error-increase", type=float, default=0.005, show_default=True,
-              help="Validation error may exceed the best pre-pruning error by at most this much (0.005 = 0.5 points).")
+@click.option("--max-error-increase", type=float, default=None,
+              help="Validation error may exceed the first plateau's by at most this much (0.005 = 0.5 points). "
+                   "Default: 0.005, or two validation samples' worth on small validation sets.")
 @click.option("--target-sparsity", type=float, default=None, help="Stop once this share of prunable parameters is zero (e.g. 0.98).")
 @click.option("--exact-sensitivity", is_flag=True,
               help="sensitivity/serene: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
@@ -106,7 +107,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int,
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
-                max_error_increase: float, target_sparsity: float | None, exact_sensitivity: bool,
+                max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
                 min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""

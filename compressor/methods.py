@@ -36,7 +36,9 @@ class PruningConfig:
     lmbda: float = 1e-4               # shrink strength per step (not scaled by the learning rate)
     pwe: int = 5                      # plateau: epochs without > 1 % validation-loss improvement
     twt: float = 0.05                 # threshold search: validation loss may grow by this factor
-    max_error_increase: float = 0.005 # validation error may exceed the pre-pruning one by this much (absolute)
+    # Validation error may exceed the first plateau's by this much (absolute). None: 0.5 points,
+    # or two validation samples' worth where the validation set is too small to resolve that.
+    max_error_increase: float | None = None
     target_sparsity: float | None = None  # stop once this share of prunable parameters is zero
     exact: bool = False               # output sensitivity: exact per-class form instead of the bound
     stall_limit: int = 5              # stop after this many plateaus in a row that pruned nothing
@@ -50,7 +52,7 @@ class PruningConfig:
             raise CompressError(f"--pwe must be >= 1, got {self.pwe}")
         if self.twt < 0:
             raise CompressError(f"--twt must be >= 0, got {self.twt}")
-        if self.max_error_increase < 0:
+        if self.max_error_increase is not None and self.max_error_increase < 0:
             raise CompressError(f"--max-error-increase must be >= 0, got {self.max_error_increase}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
             raise CompressError(f"--target-sparsity must be in (0, 1), got {self.target_sparsity}")
@@ -74,6 +76,7 @@ class ThresholdPruning:
         self.pruner: Pruner | None = None
         self.detector = PlateauDetector(config.pwe)
         self.reference_error: float | None = None
+        self.allowance = 0.0
         self.stalled = 0
         self.prunes = 0
         self.masks: Masks | None = None
@@ -121,7 +124,7 @@ class ThresholdPruning:
         return self.masks.sparsity()
 
     def error_cap(self) -> float:
-        return math.inf if self.reference_error is None else self.reference_error + self.config.max_error_increase
+        return math.inf if self.reference_error is None else self.reference_error + self.allowance
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"threshold": None}
@@ -140,6 +143,7 @@ class ThresholdPruning:
             # The error allowance is anchored to the model at the first plateau, so that it
             # does not compound from prune to prune the way a loss bound alone does.
             self.reference_error = ref_err
+            self.allowance = allowed_error_increase(self.config.max_error_increase, len(trainer.data.val))
         search = find_threshold(
             self.pruner,
             lambda: trainer.evaluate(trainer.data.val),
@@ -179,6 +183,7 @@ class ThresholdPruning:
             "masks": self.masks.state_dict(),
             "detector": self.detector.state_dict(),
             "reference_error": self.reference_error,
+            "allowance": self.allowance,
             "stalled": self.stalled,
             "prunes": self.prunes,
             "regularizer": self.regularizer.state_dict() if self.regularizer else None,
@@ -189,6 +194,7 @@ class ThresholdPruning:
         self.masks.load_state_dict(state["masks"])
         self.detector.load_state_dict(state["detector"])
         self.reference_error = state["reference_error"]
+        self.allowance = float(state.get("allowance", 0.0))
         self.stalled = int(state["stalled"])
         self.prunes = int(state["prunes"])
         if self.regularizer is not None and state.get("regularizer"):
@@ -198,6 +204,14 @@ class ThresholdPruning:
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+def allowed_error_increase(requested: float | None, val_size: int) -> float:
+    """The error allowance: as requested, or by default 0.5 points but never less than two
+    validation samples (below that, the allowance is smaller than the set can measure)."""
+    if requested is not None:
+        return requested
+    return max(0.005, 2.0 / val_size) if val_size else 0.005
 
 
 def make(method: str, config: PruningConfig | None = None, example_input: torch.Tensor | None = None) -> ThresholdPruning | None:
