@@ -66,13 +66,6 @@ class Masks:
         if params:
             torch._foreach_mul_(params, [self.masks[name] for name, _ in self.named_params])
 
-    @torch.no_grad()
-    def mask_grads(self) -> None:
-        """Zero the gradients of pruned entries so momentum buffers do not build up on them."""
-        for _, p, mask in self:
-            if p.grad is not None:
-                p.grad.mul_(mask)
-
     def counts(self, weights_only: bool = False) -> tuple[int, int]:
         """(alive, total) entries."""
         alive = total = 0
