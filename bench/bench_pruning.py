@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--twt", type=float, default=0.05)
     ap.add_argument("--max-error-increase", type=float, default=0.005)
     ap.add_argument("--min-width", type=int, default=1)
+    ap.add_argument("--anneals", type=int, default=0, help="lr/lambda cuts by 10 when pruning stalls (0: stop instead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
@@ -139,7 +140,7 @@ def main() -> None:
                             lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed,
                             device="cpu", max_seconds=60 * args.minutes)
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
-                              min_width=args.min_width)
+                              min_width=args.min_width, anneals=args.anneals)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"

@@ -88,6 +88,8 @@ def cli() -> None:
 @click.option("--target-sparsity", type=float, default=None, help="Stop once this share of prunable parameters is zero (e.g. 0.98).")
 @click.option("--exact-sensitivity", is_flag=True,
               help="sensitivity/serene: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
+@click.option("--anneals", type=int, default=2, show_default=True,
+              help="When pruning stalls, divide the learning rate and lambda by 10 up to this many times before stopping.")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
 @click.option("--neuron-criterion", type=click.Choice(["norm", "sensitivity"]), default="norm", show_default=True,
               help="serene: prune the neurons with the smallest parameter norm, or the smallest sensitivity.")
@@ -108,15 +110,15 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
+                anneals: int, min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
     from .pipeline import Job, run  # heavy imports only when there is work to do
 
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
-                            target_sparsity=target_sparsity, exact=exact_sensitivity, min_width=min_width,
-                            neuron_criterion=neuron_criterion)
+                            target_sparsity=target_sparsity, exact=exact_sensitivity, anneals=anneals,
+                            min_width=min_width, neuron_criterion=neuron_criterion)
     recipe = default_recipe(method)
     config = TrainConfig(
         epochs=recipe["epochs"] if epochs is None else epochs,

@@ -42,6 +42,11 @@ class PruningConfig:
     target_sparsity: float | None = None  # stop once this share of prunable parameters is zero
     exact: bool = False               # output sensitivity: exact per-class form instead of the bound
     stall_limit: int = 5              # stop after this many plateaus in a row that pruned nothing
+    # When `anneal_after` plateaus in a row prune nothing, divide the learning rate and lambda by
+    # 10 (at most `anneals` times) before giving up: the same regularized objective, less SGD
+    # noise, so the error drops and the next threshold search finds room again.
+    anneals: int = 2
+    anneal_after: int = 2
     min_width: int = 1                # serene: neurons every layer keeps
     neuron_criterion: str = "norm"    # serene: rank neurons by parameter RMS ("norm") or "sensitivity"
 
@@ -58,6 +63,10 @@ class PruningConfig:
             raise CompressError(f"--target-sparsity must be in (0, 1), got {self.target_sparsity}")
         if self.min_width < 1:
             raise CompressError(f"--min-width must be >= 1, got {self.min_width}")
+        if self.anneals < 0:
+            raise CompressError(f"--anneals must be >= 0, got {self.anneals}")
+        if self.anneal_after < 1:
+            raise CompressError(f"--anneal-after must be >= 1, got {self.anneal_after}")
         if self.neuron_criterion not in ("norm", "sensitivity"):
             raise CompressError(f"--neuron-criterion must be norm or sensitivity, got {self.neuron_criterion!r}")
 
@@ -79,6 +88,8 @@ class ThresholdPruning:
         self.allowance = 0.0
         self.stalled = 0
         self.prunes = 0
+        self.annealed = 0
+        self.optimizer: torch.optim.Optimizer | None = None
         self.masks: Masks | None = None
         self.regularizer: Any = None
         self.model: nn.Module | None = None
@@ -86,6 +97,7 @@ class ThresholdPruning:
     # -- wiring ------------------------------------------------------------------------------
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
+        self.optimizer = optimizer
         named = prunable_parameters(model)
         self.masks = Masks(named)
         self.masks.update_from_zeros()  # entries already zero in a given checkpoint stay pruned
@@ -153,8 +165,10 @@ class ThresholdPruning:
         self.detector.reset()
         self.prunes += 1
         self.stalled = 0 if search.pruned else self.stalled + 1
+        annealed = self._maybe_anneal()
         test_loss, test_err = trainer.evaluate(trainer.data.test)
         return {
+            "annealed": annealed,
             "threshold": search.threshold,
             "pruned_now": search.pruned,
             "val_loss": search.val_loss,
@@ -163,6 +177,18 @@ class ThresholdPruning:
             "test_error": test_err,
             "restart_lr_plateau": True,
         }
+
+    def _maybe_anneal(self) -> bool:
+        """Divide the learning rate and lambda by 10 once pruning has stalled long enough."""
+        if self.stalled < self.config.anneal_after or self.annealed >= self.config.anneals:
+            return False
+        for group in self.optimizer.param_groups:
+            group["lr"] *= 0.1  # magnitude's L2 term scales with it, being part of the optimizer
+        if self.regularizer is not None:
+            self.regularizer.lmbda *= 0.1
+        self.annealed += 1
+        self.stalled = 0
+        return True
 
     def selection_key(self, metrics: dict[str, Any]) -> tuple[float, ...] | None:
         """The sparsest model whose validation error is within the allowed increase wins."""
@@ -174,7 +200,7 @@ class ThresholdPruning:
         target = self.config.target_sparsity
         if target is not None and self.sparsity() >= target:
             return f"target sparsity {100 * target:.2f} % reached"
-        if self.stalled >= self.config.stall_limit:
+        if self.stalled >= self.config.stall_limit and self.annealed >= self.config.anneals:
             return f"{self.stalled} plateaus in a row pruned nothing within the tolerance"
         return None
 
@@ -186,6 +212,7 @@ class ThresholdPruning:
             "allowance": self.allowance,
             "stalled": self.stalled,
             "prunes": self.prunes,
+            "annealed": self.annealed,
             "regularizer": self.regularizer.state_dict() if self.regularizer else None,
             "alive_neurons": self.pruner.alive.clone() if isinstance(self.pruner, NeuronPruner) else None,
         }
@@ -197,6 +224,7 @@ class ThresholdPruning:
         self.allowance = float(state.get("allowance", 0.0))
         self.stalled = int(state["stalled"])
         self.prunes = int(state["prunes"])
+        self.annealed = int(state.get("annealed", 0))
         if self.regularizer is not None and state.get("regularizer"):
             self.regularizer.load_state_dict(state["regularizer"])
         if isinstance(self.pruner, NeuronPruner) and state.get("alive_neurons") is not None:

@@ -105,3 +105,20 @@ def test_target_sparsity_stops_training(synthetic) -> None:
     trainer = Trainer(_mlp(data), data, TrainConfig(epochs=50, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None)
     result = trainer.fit()
     assert "target sparsity" in result.stopped_because and trainer.epoch < 50
+
+
+@pytest.mark.parametrize("method", ["lobster", "magnitude"])
+def test_stalled_pruning_anneals_lr_and_lambda_before_stopping(method: str, synthetic) -> None:
+    data = synthetic(n=96)
+    # No error or loss allowance: every threshold search prunes nothing, so each plateau stalls.
+    config = PruningConfig(pwe=1, twt=0.0, max_error_increase=0.0, lmbda=1e-3, anneals=2, anneal_after=1, stall_limit=2)
+    plugin = make(method, config)
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=60, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None)
+    result = trainer.fit()
+    annealed_at = [h["epoch"] for h in trainer.history if h.get("annealed")]
+    assert len(annealed_at) == 2, "two cuts, then the stall limit stops the run"
+    lrs = sorted({round(h["lr"], 12) for h in trainer.history}, reverse=True)
+    assert lrs == [0.05, 0.005, 0.0005]
+    if plugin.regularizer is not None:
+        assert plugin.regularizer.lmbda == pytest.approx(1e-5)
+    assert "pruned nothing" in result.stopped_because and trainer.epoch < 60
