@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,6 +90,9 @@ class ThresholdPruning:
         self.stalled = 0
         self.prunes = 0
         self.annealed = 0
+        # Host seconds spent on pruning work (sensitivity passes, regularizer steps, threshold
+        # searches), the part of the training time that plain training would not spend.
+        self.seconds = 0.0
         self.optimizer: torch.optim.Optimizer | None = None
         self.masks: Masks | None = None
         self.regularizer: Any = None
@@ -123,13 +127,17 @@ class ThresholdPruning:
 
     def after_forward(self, output: torch.Tensor) -> None:
         if self.regularizer is not None:
+            t0 = time.perf_counter()
             self.regularizer.observe(output)
+            self.seconds += time.perf_counter() - t0
 
     def after_step(self) -> None:
+        t0 = time.perf_counter()
         if self.regularizer is not None:
             self.regularizer.step()  # re-applies the masks
         else:
             self.masks.apply()
+        self.seconds += time.perf_counter() - t0
 
     # -- schedule ------------------------------------------------------------------------------
     def sparsity(self) -> float:
@@ -141,7 +149,9 @@ class ThresholdPruning:
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"threshold": None}
         if self.detector.update(metrics["val_loss"], self.model):
+            t0 = time.perf_counter()
             extra.update(self._prune(trainer))
+            self.seconds += time.perf_counter() - t0
         extra["sparsity"] = self.sparsity()
         extra["weight_sparsity"] = self.masks.sparsity(weights_only=True)
         if isinstance(self.pruner, NeuronPruner):
@@ -213,6 +223,7 @@ class ThresholdPruning:
             "stalled": self.stalled,
             "prunes": self.prunes,
             "annealed": self.annealed,
+            "seconds": self.seconds,
             "regularizer": self.regularizer.state_dict() if self.regularizer else None,
             "alive_neurons": self.pruner.alive.clone() if isinstance(self.pruner, NeuronPruner) else None,
         }
@@ -225,6 +236,7 @@ class ThresholdPruning:
         self.stalled = int(state["stalled"])
         self.prunes = int(state["prunes"])
         self.annealed = int(state.get("annealed", 0))
+        self.seconds = float(state.get("seconds", 0.0))
         if self.regularizer is not None and state.get("regularizer"):
             self.regularizer.load_state_dict(state["regularizer"])
         if isinstance(self.pruner, NeuronPruner) and state.get("alive_neurons") is not None:

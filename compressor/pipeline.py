@@ -237,8 +237,10 @@ def build_report(
                   "onnx_graph_*: Gemm/MatMul/Conv nodes of the exported file",
     }
     layers = reporting.merged_layers(pruned_model, model, stored, exported["encodings"])
-    timings["prune_s"] = None
-    nulls["timings.prune_s"] = reporting.PRUNE_S_REASON
+    plugin = trainer.plugin
+    timings["prune_s"] = plugin.seconds if plugin is not None else None
+    if plugin is None:
+        nulls["timings.prune_s"] = "no pruning method (--method none)"
     if removal is None or not removal.get("applied"):
         nulls["physical_removal.layers"] = (removal or {}).get("reason", "physical removal was not run")
     if baseline is None:

@@ -61,10 +61,6 @@ MEMORY_KEYS = ("source", "hwm_reset_before_create", "process_rss_bytes_before_ru
                "first_run_rss_delta_bytes", "first_run_peak_delta_bytes", "after_latency_rss_delta_bytes",
                "trimmed_rss_delta_bytes")
 LATENCY_KEYS = ("batch", "p50_s", "p90_s", "mean_s", "runs", "warmup_runs")
-PRUNE_S_REASON = ("pruning runs inside the training epochs (the regularizer after every step, threshold pruning "
-                  "at validation plateaus) and is not timed apart: it is included in train_s")
-
-
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the numbers in a report."""
     out = {"python": platform.python_version()}

@@ -207,6 +207,9 @@ def test_unstructured_methods_prune_80_percent_on_digits(method: str, dense_run:
     # the compact encoding really shrinks the file
     assert report["size"]["file_bytes"] < 0.35 * dense_run["report"]["size"]["file_bytes"]
     assert report["size"]["decode_ops_after_load"] == []
+    # pruning work is timed apart, as a part of the training time
+    timings = report["timings"]
+    assert 0 < timings["prune_s"] < timings["train_s"]
 
 
 @pytest.mark.slow
