@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--twt", type=float, default=0.05)
     ap.add_argument("--max-error-increase", type=float, default=0.005)
     ap.add_argument("--min-width", type=int, default=1)
+    ap.add_argument("--prune-inputs", action="store_true", help="serene: input features are units too")
+    ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity"])
     ap.add_argument("--anneals", type=int, default=0, help="lr/lambda cuts by 10 when pruning stalls (0: stop instead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
@@ -140,7 +142,8 @@ def main() -> None:
                             lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed,
                             device="cpu", max_seconds=60 * args.minutes)
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
-                              min_width=args.min_width, anneals=args.anneals)
+                              min_width=args.min_width, anneals=args.anneals, prune_inputs=args.prune_inputs,
+                              neuron_criterion=args.neuron_criterion)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"

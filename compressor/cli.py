@@ -93,6 +93,9 @@ def cli() -> None:
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
 @click.option("--neuron-criterion", type=click.Choice(["norm", "sensitivity"]), default="norm", show_default=True,
               help="serene: prune the neurons with the smallest parameter norm, or the smallest sensitivity.")
+@click.option("--keep-inputs", is_flag=True,
+              help="serene: do not prune input features (by default, where the input goes straight into a Linear, "
+                   "its features are units too and unused ones are skipped after physical removal).")
 @click.option("--no-physical-removal", is_flag=True,
               help="Export the pruned model as it is, without removing dead neurons/channels.")
 @click.option("--fuse-bn", is_flag=True, help="Fold BatchNorm into the preceding Conv/Linear before export.")
@@ -110,7 +113,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                anneals: int, min_width: int, neuron_criterion: str, no_physical_removal: bool, fuse_bn: bool,
+                anneals: int, min_width: int, neuron_criterion: str, keep_inputs: bool, no_physical_removal: bool, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
@@ -118,7 +121,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
 
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
                             target_sparsity=target_sparsity, exact=exact_sensitivity, anneals=anneals,
-                            min_width=min_width, neuron_criterion=neuron_criterion)
+                            min_width=min_width, neuron_criterion=neuron_criterion, prune_inputs=not keep_inputs)
     recipe = default_recipe(method)
     config = TrainConfig(
         epochs=recipe["epochs"] if epochs is None else epochs,

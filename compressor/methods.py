@@ -50,6 +50,7 @@ class PruningConfig:
     anneal_after: int = 2
     min_width: int = 1                # serene: neurons every layer keeps
     neuron_criterion: str = "norm"    # serene: rank neurons by parameter RMS ("norm") or "sensitivity"
+    prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -109,7 +110,7 @@ class ThresholdPruning:
             if self.example_input is None:
                 raise CompressError("serene needs an example input to find the model's neurons")
             device = next(model.parameters()).device
-            neurons = find_neurons(model, self.example_input.to(device))
+            neurons = find_neurons(model, self.example_input.to(device), inputs=self.config.prune_inputs)
             self.regularizer = SeReNe(model, neurons, self.config.lmbda, self.masks, exact=self.config.exact)
             by_sensitivity = self.regularizer if self.config.neuron_criterion == "sensitivity" else None
             self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width, sensitivity=by_sensitivity)

@@ -18,7 +18,7 @@ from .errors import CompressError
 from .loading import LoadedModel, load_model
 from .masks import model_sparsity
 from .methods import PruningConfig, make as make_method
-from .shrink import ShrinkResult, UnsupportedModel, dead_channels, shrink
+from .shrink import ShrinkResult, UnsupportedModel, dead_channels, shrink, unread_inputs
 from .train import Trainer, TrainConfig, evaluate
 
 PARITY_SAMPLES = 256
@@ -129,8 +129,10 @@ def remove_dead_neurons(
         return model, {"applied": False, "reason": "disabled with --no-physical-removal"}
     try:
         dead = sum(int(mask.sum()) for mask in dead_channels(model).values())
+        unread = unread_inputs(model)
+        dead += int(unread.sum()) if unread is not None else 0
         if dead == 0 and not fuse_bn:
-            return model, {"applied": False, "reason": "no dead neurons or channels"}
+            return model, {"applied": False, "reason": "no dead neurons or channels, no unread input features"}
         result: ShrinkResult = shrink(model, data.test.x[:2], fuse_bn=fuse_bn)
     except UnsupportedModel as exc:
         log(f"physical removal skipped: {exc}; exporting the pruned model with its zeros")

@@ -5,6 +5,10 @@ with everything coupled to it: the BatchNorm channel that follows, a depthwise c
 passes the channel on, and, across residual adds, the channels of every branch that must go
 together. The coupling comes from the dependency graph of :mod:`compressor.shrink`, so a
 neuron pruned here is exactly a channel that physical removal can take out.
+
+Optionally the model's *input features* are units too, where the input goes (flattened) straight
+into a Linear: an input unit owns its weight column in that layer, and once the column is zero
+physical removal makes the layer skip the feature.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import torch
 from torch import nn
 
 from .masks import Masks, prunable_parameters
-from .shrink import channel_groups
+from .shrink import channel_groups, input_layer
 
 _OWNING_ROLES = ("out", "dw", "bn")
+INPUT_UNITS = "input features"  # the layer name input units count towards
 
 
 @dataclass
@@ -33,6 +38,10 @@ class Neurons:
     # per neuron, the Linear/Conv layers whose width it counts towards
     layers: list[tuple[str, ...]]
     widths: dict[str, int] = field(default_factory=dict)
+    # input units: (weight name, weight, unit index of each column) of the first Linear, and
+    # that Linear's module name
+    columns: list[tuple[str, nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    input_layer: str | None = None
 
     def layer_of_each(self) -> dict[str, torch.Tensor]:
         """Per layer, the indices of its neurons."""
@@ -43,8 +52,9 @@ class Neurons:
         return {k: torch.tensor(v) for k, v in out.items()}
 
 
-def find_neurons(model: nn.Module, example_input: torch.Tensor) -> Neurons:
-    """Trace ``model`` and list its prunable neurons (the logits and input are not prunable)."""
+def find_neurons(model: nn.Module, example_input: torch.Tensor, *, inputs: bool = False) -> Neurons:
+    """Trace ``model`` and list its prunable neurons (the logits are not prunable); with
+    ``inputs``, also the input features where the input goes straight into a Linear."""
     modules = dict(model.named_modules())
     groups = [g for g in channel_groups(model, example_input) if not g.pinned]
     row_owner: dict[str, torch.Tensor] = {}
@@ -78,7 +88,17 @@ def find_neurons(model: nn.Module, example_input: torch.Tensor) -> Neurons:
         if module_name in row_owner:
             rows.append((pname, p, row_owner[module_name].to(p.device)))
     widths = {name: int((owner >= 0).sum()) for name, owner in row_owner.items() if name in {n for l in layers for n in l}}
-    return Neurons(count, rows, list(probe_owner.items()), layers, widths)
+    columns = []
+    first = input_layer(model) if inputs else None
+    if first is not None:
+        weight = modules[first].weight
+        features = weight.shape[1]
+        columns.append((f"{first}.weight" if first else "weight", weight,
+                        torch.arange(count, count + features, device=weight.device)))
+        layers.extend([(INPUT_UNITS,)] * features)
+        widths[INPUT_UNITS] = features
+        count += features
+    return Neurons(count, rows, list(probe_owner.items()), layers, widths, columns, first)
 
 
 class NeuronSensitivity:
@@ -88,6 +108,10 @@ class NeuronSensitivity:
     S_n = (1/C) * E|sum_k dy_k/dz_n| (one extra backward), where z_n is the neuron's
     pre-activation and E averages over the batch and spatial positions. Where a neuron has
     several pre-activations (coupled channels), the largest sensitivity counts.
+
+    An input unit's sensitivity is that of a gate g_j = 1 on the feature, x_j -> g_j * x_j:
+    dy/dg_j = x_j * dy/dx_j, so a feature that is always zero has sensitivity 0. It is computed
+    from the first layer's pre-activation gradient (dy/dx = dy/dz @ W), at no extra backward.
     """
 
     def __init__(self, model: nn.Module, neurons: Neurons, *, exact: bool = False) -> None:
@@ -96,6 +120,15 @@ class NeuronSensitivity:
         modules = dict(model.named_modules())
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name, _ in neurons.probes]
+        self._first: nn.Module | None = None
+        self._first_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        if neurons.input_layer is not None:
+            self._first = modules[neurons.input_layer]
+            self._handles.append(self._first.register_forward_hook(self._store_first))
+
+    def _store_first(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and output.requires_grad:
+            self._first_io = (args[0], output)
 
     def _hook(self, name: str):
         def store(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -112,6 +145,9 @@ class NeuronSensitivity:
         """Sensitivity of every neuron for the forward pass that produced ``output``."""
         names = [name for name, _ in self.neurons.probes if name in self._outputs]
         tensors = [self._outputs[name] for name in names]
+        first_io, self._first_io = self._first_io, None
+        if first_io is not None:
+            tensors.append(first_io[1])
         classes = output.shape[1]
         if self.exact:
             eye = torch.eye(classes, device=output.device, dtype=output.dtype)
@@ -122,16 +158,22 @@ class NeuronSensitivity:
                 per_class = [torch.autograd.grad(output[:, k].sum(), tensors, retain_graph=True) for k in range(classes)]
                 grads = tuple(torch.stack([pc[i] for pc in per_class]) for i in range(len(tensors)))
             # [C, B, channels, ...] -> mean |.| over batch and space, then sum over classes
-            per_channel = [_class_sum_channel_mean_abs(g) for g in grads]
+            per_channel = [_class_sum_channel_mean_abs(g) for g in grads[: len(names)]]
         else:
             grads = torch.autograd.grad(output.sum(), tensors, retain_graph=True)
-            per_channel = [_channel_mean_abs(g) for g in grads]
+            per_channel = [_channel_mean_abs(g) for g in grads[: len(names)]]
         sens = torch.zeros(self.neurons.count, device=output.device, dtype=output.dtype)
         owners = dict(self.neurons.probes)
         for name, s in zip(names, per_channel):
             owner = owners[name].to(output.device)
             valid = owner >= 0
             sens.scatter_reduce_(0, owner[valid], s[valid] / classes, reduce="amax")
+        if first_io is not None:
+            x, weight = first_io[0].detach(), self._first.weight.detach()
+            gate = (grads[-1].detach() @ weight) * x  # x_j * dy/dx_j: [B, ..., F], exact: [C, B, ..., F]
+            s = gate.abs().flatten(1, -2).mean(1).sum(0) if self.exact else gate.abs().flatten(0, -2).mean(0)
+            start = int(self.neurons.columns[0][2][0])
+            sens[start:start + s.numel()] = s / classes
         self._outputs.clear()
         return sens
 
@@ -178,6 +220,8 @@ class SeReNe:
                 owner = owner.to(p.device)
                 factor = torch.where(owner >= 0, 1.0 - self.lmbda * insensitivity[owner.clamp(min=0)], 1.0)
                 p.mul_(factor.view(-1, *([1] * (p.dim() - 1))))
+            for _, p, owner in self.neurons.columns:
+                p.mul_(1.0 - self.lmbda * insensitivity[owner.to(p.device)])
         if self.masks is not None:
             self.masks.apply()
 
@@ -205,7 +249,7 @@ class NeuronPruner:
         self.alive = self.alive_from_masks()
         self._order: list[int] = []
         self._scores = torch.zeros(0)
-        self._saved: list[torch.Tensor] = []
+        self._saved: dict[str, torch.Tensor] = {}
 
     def alive_from_masks(self) -> torch.Tensor:
         """A neuron is alive while any of its rows has a surviving entry."""
@@ -215,6 +259,8 @@ class NeuronPruner:
             valid = owner >= 0
             rows_alive = self.masks.masks[name].reshape(p.shape[0], -1).any(1).cpu()
             alive_rows.index_add_(0, owner[valid], rows_alive[valid].long())
+        for name, p, owner in self.neurons.columns:
+            alive_rows.index_add_(0, owner.cpu(), self.masks.masks[name].any(0).cpu().long())
         return alive_rows > 0
 
     def scores(self) -> torch.Tensor:
@@ -226,6 +272,8 @@ class NeuronPruner:
             valid = owner >= 0
             rows = p.detach().cpu().double().reshape(p.shape[0], -1)
             sq.index_add_(0, owner[valid], rows[valid].pow(2).sum(1))
+        for _, p, owner in self.neurons.columns:
+            sq.index_add_(0, owner.cpu(), p.detach().cpu().double().pow(2).sum(0))
         return sq.sqrt().float()
 
     def rank(self) -> int:
@@ -241,29 +289,37 @@ class NeuronPruner:
                 self._order.append(n)
                 for name in layers:
                     remaining[name] -= 1
-        self._saved = [p.detach().clone() for _, p, _ in self.neurons.rows]
+        self._saved = {name: p.detach().clone() for name, p in self._params().items()}
         return len(self._order)
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        """Every parameter that some unit owns rows or columns of."""
+        return {name: p for name, p, _ in self.neurons.rows + self.neurons.columns}
 
     def prune_first(self, k: int, *, permanent: bool) -> float:
         dead = self.alive.clone()
         dead[:] = False
         dead[self._order[:k]] = True
+        keep = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self._params().items()}
+        for name, p, owner in self.neurons.rows:
+            owner_cpu = owner.cpu()
+            row_dead = (owner_cpu >= 0) & dead[owner_cpu.clamp(min=0)]
+            keep[name] &= (~row_dead).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+        for name, p, owner in self.neurons.columns:
+            keep[name] &= ~dead[owner.cpu()].to(p.device)
         with torch.no_grad():
-            for (name, p, owner), orig in zip(self.neurons.rows, self._saved):
-                owner_cpu = owner.cpu()
-                row_dead = (owner_cpu >= 0) & dead[owner_cpu.clamp(min=0)]
-                keep = (~row_dead).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+            for name, p in self._params().items():
                 if permanent:
-                    self.masks.masks[name] &= keep.expand_as(p)
-                p.copy_(orig * keep)
+                    self.masks.masks[name] &= keep[name]
+                p.copy_(self._saved[name] * keep[name])
         if permanent:
             self.alive &= ~dead
         return float(self._scores[self._order[k - 1]]) if k > 0 else 0.0
 
     def restore(self) -> None:
         with torch.no_grad():
-            for (_, p, _), orig in zip(self.neurons.rows, self._saved):
-                p.copy_(orig)
+            for name, p in self._params().items():
+                p.copy_(self._saved[name])
 
     def pruned_count(self) -> int:
         return int((~self.alive).sum())

@@ -779,3 +779,76 @@ def test_input_model_untouched_and_result_printable() -> None:
     text = str(res)
     assert "conv2" in text and "25x20x5x5" in text and "fc1" in text and "500x400" in text
     assert f"{res.params_before:,} -> {res.params_after:,}" in text
+
+
+# --------------------------------------------------------------------------------------------
+# input features the first Linear never reads
+# --------------------------------------------------------------------------------------------
+
+
+class Tabular(nn.Module):
+    """A 2-D input straight into a Linear (no flatten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class InputTwice(nn.Module):
+    """The input also feeds a second branch: its features cannot be dropped for fc1 alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 3)
+        self.skip = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(x) + self.skip(x)
+
+
+@pytest.mark.parametrize("build, shape, first, dead_columns, dead_rows", [
+    pytest.param(lambda: models.build("lenet300", MNIST, 10), MNIST, "fc1", [0, 1, 27, 28, 400, 783], [5, 6], id="lenet300-flatten"),
+    pytest.param(Tabular, (12,), "fc1", [0, 4, 11], [], id="tabular-2d-input"),
+])
+def test_unread_input_features_are_skipped(build: Callable, shape: tuple[int, ...], first: str,
+                                           dead_columns: list[int], dead_rows: list[int]) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    layer = getattr(model, first)
+    with torch.no_grad():
+        layer.weight[:, dead_columns] = 0
+    zero_rows(layer, dead_rows)
+    res = shrink(model, torch.randn(2, *shape))
+    xs = torch.randn(3, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(xs), model(xs), rtol=1e-4, atol=1e-5)
+    plan = {c.name: c for c in res.plan}
+    features = layer.in_features
+    assert plan["input features"].before == (features,)
+    assert plan["input features"].after == (features - len(dead_columns),)
+    rows_left = layer.out_features - len(dead_rows)
+    assert plan[first].after == (rows_left, features - len(dead_columns))
+    # exactly the dead columns of the surviving rows, plus the dead rows, are gone
+    expected_removed = rows_left * len(dead_columns) + len(dead_rows) * (features + 1)
+    consumers = [c for c in res.plan if c.name not in ("input features", first) and c.before != c.after]
+    expected_removed += sum(c.before[0] * len(dead_rows) for c in consumers)
+    assert res.params_before - res.params_after == expected_removed
+    onnx_parity(res.model, shape)
+
+
+@pytest.mark.parametrize("build, shape", [
+    pytest.param(InputTwice, (12,), id="input-read-twice"),
+    pytest.param(lambda: models.build("lenet5", MNIST, 10), MNIST, id="conv-first"),
+])
+def test_inputs_read_elsewhere_are_left_alone(build: Callable, shape: tuple[int, ...]) -> None:
+    model = build().eval()
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    with torch.no_grad():  # input feature 0 unread (for the conv: one tap of every filter)
+        first.weight[(slice(None), 0) + (0,) * (first.weight.dim() - 2)] = 0
+    res = shrink(model, torch.randn(2, *shape))
+    assert "input features" not in {c.name for c in res.plan}
+    assert res.params_after == res.params_before

@@ -210,3 +210,85 @@ def test_serene_plugin_prunes_whole_neurons(synthetic) -> None:
     # a pruned neuron is entirely zero: its weight row and bias
     dead = (model.fc1.weight == 0).all(1)
     assert torch.all(model.fc1.bias[dead] == 0) and int(dead.sum()) == 300 - remaining["fc1"]
+
+
+# -- input features as units ---------------------------------------------------------------------
+
+
+class FlatMLP(nn.Module):
+    """Image input flattened straight into a Linear, as LeNet-300 does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(6, 5)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.flat(x))))
+
+
+def _input_gate_finite_difference(model: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """dy/dg_j for the input gate x_j -> (1 + g_j) x_j, by perturbing g_j per sample."""
+    eps = 1e-6
+    with torch.no_grad():
+        base = model(x)
+    flat = x.reshape(x.shape[0], -1)
+    sens = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for j in range(flat.shape[1]):
+        bumped = flat.clone()
+        bumped[:, j] *= 1 + eps
+        with torch.no_grad():
+            diff = (model(bumped.reshape(x.shape)) - base) / eps
+        per_sample = diff.abs().sum(1) if exact else diff.sum(1).abs()
+        sens[j] = per_sample.mean() / base.shape[1]
+    return sens
+
+
+@pytest.mark.parametrize("cls, shape", [pytest.param(TinyMLP, (4,), id="2d-input"), pytest.param(FlatMLP, (2, 3), id="flattened")])
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "bound"])
+def test_input_unit_sensitivity_matches_finite_differences(cls, shape, exact: bool) -> None:
+    torch.manual_seed(0)
+    model = (cls(False) if cls is TinyMLP else cls()).double().eval()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    x[:, 0] = 0  # a feature that is always zero: its gate does nothing
+    neurons = find_neurons(model, x[:2], inputs=True)
+    features = int(torch.tensor(shape).prod())
+    assert neurons.count == 5 + features and neurons.input_layer == "fc1"
+    sens = NeuronSensitivity(model, neurons, exact=exact)
+    computed = sens.compute(model(x)).double()[5:]
+    sens.remove()
+    torch.testing.assert_close(computed, _input_gate_finite_difference(model, x, exact), rtol=1e-4, atol=1e-7)
+    assert computed[0] == 0
+
+
+def test_input_units_only_where_the_input_goes_into_a_linear() -> None:
+    model = _build(TinyConv, False)
+    neurons = find_neurons(model, torch.randn(2, 2, 3, 3, dtype=torch.float64), inputs=True)
+    assert neurons.columns == [] and neurons.input_layer is None and neurons.count == 4
+
+
+def test_pruned_input_units_zero_their_columns_and_shrink_skips_them(synthetic) -> None:
+    import models
+    from compressor.shrink import shrink
+
+    data = synthetic(n=32)
+    torch.manual_seed(0)
+    model = models.build("lenet300", data.input_shape, data.num_classes).eval()
+    masks = Masks(prunable_parameters(model))
+    neurons = find_neurons(model, data.train.x[:2], inputs=True)
+    features = model.fc1.in_features
+    pruner = NeuronPruner(neurons, masks)
+    with torch.no_grad():  # make three input columns and two fc1 neurons the smallest units
+        model.fc1.weight[:, [1, 7, 9]] *= 1e-3
+        model.fc1.weight[[4, 8]] *= 1e-3
+    pruner.rank()
+    pruner.prune_first(5, permanent=True)
+    assert pruner.remaining_per_layer() == {"fc1": 298, "fc2": 100, "input features": features - 3}
+    assert torch.all(model.fc1.weight[:, [1, 7, 9]] == 0) and torch.all(model.fc1.weight[[4, 8]] == 0)
+    assert pruner.alive_from_masks().tolist() == pruner.alive.tolist()
+    result = shrink(model, data.test.x[:2])
+    assert result.model.fc1.weight.shape == (298, features - 3)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(data.test.x[:8]), model(data.test.x[:8]), rtol=1e-4, atol=1e-5)

@@ -21,7 +21,9 @@ How it works (see the module's test-suite for the cases covered):
    kept layer keeps at least one input.
 4. Slots nobody needs are removed everywhere; folded constants go into the consumer's bias (or
    into the running mean of the BatchNorm that follows a bias-free layer).
-5. The result is checked against the original on the example and on a random input.
+5. Where the model input goes straight (through flattening) into a Linear, input features whose
+   weight column is all zero are skipped: a gather of the used features feeds a narrower Linear.
+6. The result is checked against the original on the example and on a random input.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._graph import _Graph, _n_params, _set_param, _weight_shape
+from ._inputs import SelectFeatures, input_linear, select_input_features, unread_input_features
 from ._ops import BN_TYPES, CONV_TYPES, LINEAR_TYPES
 from ._trace import _prepare, _trace
 from ._types import ChannelGroup, LayerChange, ShrinkResult, UnsupportedModel
@@ -41,11 +44,14 @@ from ._types import ChannelGroup, LayerChange, ShrinkResult, UnsupportedModel
 __all__ = [
     "ChannelGroup",
     "LayerChange",
+    "SelectFeatures",
     "ShrinkResult",
     "UnsupportedModel",
     "channel_groups",
     "dead_channels",
+    "input_layer",
     "shrink",
+    "unread_inputs",
 ]
 
 
@@ -73,6 +79,20 @@ def dead_channels(model: nn.Module) -> dict[str, Tensor]:
                 mask = mask | (bn.weight.detach() == 0)
         out[str(node.target)] = mask
     return out
+
+
+def input_layer(model: nn.Module) -> str | None:
+    """Name of the Linear that reads the model input straight (through flattening only), whose
+    unread input features :func:`shrink` removes; None for any other kind of first layer."""
+    node = input_linear(_trace(model))
+    return None if node is None else str(node.target)
+
+
+def unread_inputs(model: nn.Module) -> Tensor | None:
+    """Bool mask of the model's input features that :func:`shrink` will stop reading (their
+    weight column in the first Linear is all zero); None when the input does not go straight,
+    through flattening only, into one Linear."""
+    return unread_input_features(_trace(model))
 
 
 def channel_groups(model: nn.Module, example_input: Tensor) -> list[ChannelGroup]:
@@ -110,6 +130,7 @@ def _shrink(model: nn.Module, example_input: Tensor, fuse_bn: bool, params_befor
         before = graph.layer_table()
         needed = graph.solve()
         graph.apply(needed)
+        selected = select_input_features(gm)
         if fuse_bn:
             _fuse_batchnorms(gm, graph.notes)
         gm.graph.lint()
@@ -125,6 +146,8 @@ def _shrink(model: nn.Module, example_input: Tensor, fuse_bn: bool, params_befor
             plan.append(LayerChange(name, kind, shape, (), n, 0))
         else:
             plan.append(LayerChange(name, kind, shape, _weight_shape(mod), n, _n_params(mod, recurse=False)))
+    if selected is not None:
+        plan.insert(0, LayerChange("input features", "SelectFeatures", (selected[0],), (selected[1],)))
     return ShrinkResult(gm, plan, params_before, _n_params(gm), graph.notes)
 
 
