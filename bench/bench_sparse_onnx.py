@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 SIZE_SHAPES = [(784, 300), (4096, 4096)]  # (in_features, out_features)
 SIZE_SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995]
-SIZE_ENCODINGS = ("dense", "bitmask", "csr", "rel", "coo", "auto")
-DECODE_ENCODINGS = ("bitmask", "csr", "rel", "auto")
+SIZE_ENCODINGS = ("dense", "bitmask", "csr", "rel", "relb", "coo", "auto")
+DECODE_ENCODINGS = ("bitmask", "csr", "rel", "relb", "auto")
 BIG_CHECKED = (0.95, 0.99)  # 4096x4096 rows whose folding and parity are checked (session time)
 RUNTIME_SIZE = 4096
 RUNTIME_SPARSITIES = [0.9, 0.95, 0.99]

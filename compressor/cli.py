@@ -88,7 +88,7 @@ def cli() -> None:
 @click.option("--target-sparsity", type=float, default=None, help="Stop once this share of prunable parameters is zero (e.g. 0.98).")
 @click.option("--exact-sensitivity", is_flag=True,
               help="sensitivity/serene: exact per-class output sensitivity (C backward passes) instead of the one-pass bound.")
-@click.option("--anneals", type=int, default=2, show_default=True,
+@click.option("--anneals", type=int, default=0, show_default=True,
               help="When pruning stalls, divide the learning rate and lambda by 10 up to this many times before stopping.")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
 @click.option("--neuron-criterion", type=click.Choice(["norm", "sensitivity"]), default="norm", show_default=True,
@@ -99,9 +99,9 @@ def cli() -> None:
 @click.option("--no-physical-removal", is_flag=True,
               help="Export the pruned model as it is, without removing dead neurons/channels.")
 @click.option("--fuse-bn", is_flag=True, help="Fold BatchNorm into the preceding Conv/Linear before export.")
-@click.option("--format", "encoding", type=click.Choice(["auto", "dense", "bitmask", "csr", "rel", "coo"]), default="auto",
+@click.option("--format", "encoding", type=click.Choice(["auto", "dense", "bitmask", "csr", "rel", "relb", "coo"]), default="auto",
               show_default=True,
-              help="Storage of sparse weights in the ONNX file: auto picks the smallest per tensor; bitmask/csr/rel are "
+              help="Storage of sparse weights in the ONNX file: auto picks the smallest per tensor; bitmask/csr/rel/relb are "
                    "decoded by standard ops that onnxruntime folds at load; coo is ONNX's own sparse tensor (for .ort/minimal builds).")
 @click.option("--runtime-sparse", is_flag=True,
               help="Execute sparse Linear layers (>= 90 % zeros) sparsely in onnxruntime: less memory, faster at small batch.")

@@ -44,9 +44,9 @@ class PruningConfig:
     exact: bool = False               # output sensitivity: exact per-class form instead of the bound
     stall_limit: int = 5              # stop after this many plateaus in a row that pruned nothing
     # When `anneal_after` plateaus in a row prune nothing, divide the learning rate and lambda by
-    # 10 (at most `anneals` times) before giving up: the same regularized objective, less SGD
-    # noise, so the error drops and the next threshold search finds room again.
-    anneals: int = 2
+    # 10 (at most `anneals` times) before giving up: the same regularized objective with less SGD
+    # noise. Off by default: on LeNet-300 it pruned less (docs/results.md).
+    anneals: int = 0
     anneal_after: int = 2
     min_width: int = 1                # serene: neurons every layer keeps
     neuron_criterion: str = "norm"    # serene: rank neurons by parameter RMS ("norm") or "sensitivity"

@@ -201,7 +201,7 @@ def ort_optimized(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 
 # Buffer names of exporters.sparse_onnx decode subgraphs, and the format each one marks.
-_BUFFER_FORMATS = {"mask": "bitmask", "row_ptr": "csr", "gaps": "rel", "indices": "coo"}
+_BUFFER_FORMATS = {"mask": "bitmask", "row_ptr": "csr", "gaps": "rel", "packed_gaps": "relb", "indices": "coo"}
 
 
 def tensor_storage(proto: onnx.ModelProto, name: str, encodings: dict[str, str] | None = None) -> tuple[str | None, int | None]:

@@ -49,14 +49,16 @@ import formats
 from exporters import onnx_export
 from exporters.onnx_export import ExportError
 
-ENCODINGS: tuple[str, ...] = ("auto", "dense", "bitmask", "csr", "rel", "coo")
+ENCODINGS: tuple[str, ...] = ("auto", "dense", "bitmask", "csr", "rel", "relb", "coo")
 DECODE_PREFIX = "decode/"
 SPARSE_PREFIX = "sparse/"
 # Float element types that are encoded; the codecs need a numpy dtype.
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
-# Serialized bytes a decode subgraph adds: measured about 800 (rel, bitmask) to 1,500 (csr) on a
-# 2-D weight; "auto" keeps a tensor dense unless the encoding saves more than this.
-_GRAPH_OVERHEAD = 1024
+# Serialized bytes each decode subgraph adds to the file, measured per format on a 2-D weight
+# (the first subgraph of a model also stores the shared constants, about 100-450 more). "auto"
+# picks the format with the smallest buffers + subgraph, and keeps a tensor dense unless that
+# saves bytes.
+_GRAPH_OVERHEAD = {"bitmask": 700, "csr": 1300, "rel": 660, "relb": 1520, "coo": 660}
 # Runtime-sparse: batches of at most this many rows take the GatherElements path (its cost grows
 # with rows); larger ones gather whole rows of x^T, whose cost is nearly flat in the batch
 # (measured crossover 4-8 rows on 4096x4096 at 99 % zeros).
@@ -114,19 +116,19 @@ class _Builder:
 
     def buffer(self, tag: str, array: np.ndarray) -> str:
         name = self._unique(self.buffer_prefix + tag)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
     def init(self, tag: str, array: np.ndarray) -> str:
         name = self.name(tag)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
     def const(self, key: str, array: np.ndarray) -> str:
         """A small constant shared by every subgraph in the model (axes, ones, shift amounts)."""
         if key not in self.shared:
             self.shared[key] = name = self._unique(self.prefix.split("/")[0] + "/c/" + key)
-            self.shared_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            self.shared_inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return self.shared[key]
 
     def op(self, op_type: str, inputs: list[str], tag: str, *, out: str | None = None, **attrs: object) -> str:
@@ -259,6 +261,33 @@ def _decode_rel(b: _Builder, enc: formats.Encoded, out: str) -> None:
     _scatter(b, lin, values, enc.shape, enc.dtype, out)
 
 
+def _decode_relb(b: _Builder, enc: formats.Encoded, out: str) -> None:
+    """Bit-packed gaps: entry k's gap is bits [k*w, (k+1)*w) of the little-endian stream, read
+    as three bytes from byte k*w // 8 (w <= 16 bits plus a shift < 8 fit in 24 bits)."""
+    width = int(enc.buffers["width"][0])
+    entries = int(enc.buffers["values"].size)
+    packed = b.buffer("packed_gaps", enc.buffers["packed_gaps"])
+    values = b.buffer("values", enc.buffers["values"])
+    one = b.const("one_i64", np.array([1], np.int64))
+    zero_scalar, one_scalar = b.const("zero_s64", np.array(0, np.int64)), b.const("one_s64", np.array(1, np.int64))
+    stream = b.op("Cast", [packed], "p", to=TensorProto.INT64)
+    stream = b.op("Concat", [stream, b.const("zeros2_i64", np.zeros(2, np.int64))], "pp", axis=0)
+    k = b.op("Range", [zero_scalar, b.init("count", np.array(entries, np.int64)), one_scalar], "k")
+    offset = b.op("Mul", [k, b.init("width", np.array([width], np.int64))], "o")
+    eight = b.const("eight_i64", np.array([8], np.int64))
+    byte, shift = b.op("Div", [offset, eight], "by"), b.op("Mod", [offset, eight], "sh")
+    three = b.op("Add", [b.op("Unsqueeze", [byte, b.const("axis1", np.array([1], np.int64))], "u"),
+                         b.const("arange3_i64", np.arange(3, dtype=np.int64))], "t")
+    weights = b.const("bytes3_i64", np.array([1, 256, 65536], np.int64))
+    word = b.op("ReduceSum", [b.op("Mul", [b.op("Gather", [stream, three], "b3", axis=0), weights], "m"),
+                              one], "w", keepdims=0)
+    divisor = b.op("Gather", [b.const("pow2_i64", 2 ** np.arange(8, dtype=np.int64)), shift], "d", axis=0)
+    gap = b.op("Mod", [b.op("Div", [word, divisor], "q"), b.init("modulus", np.array([1 << width], np.int64))], "g")
+    end = b.op("CumSum", [b.op("Add", [gap, one], "st"), b.const("axis0_int64", np.array(0, np.int64))], "end")
+    lin = b.op("Sub", [end, one], "lin")
+    _scatter(b, lin, values, enc.shape, enc.dtype, out)
+
+
 def _decode_coo_narrow(b: _Builder, enc: formats.Encoded, out: str) -> None:
     indices = b.buffer("indices", enc.buffers["indices"])
     values = b.buffer("values", enc.buffers["values"])
@@ -293,7 +322,7 @@ def compact(
     """Replace each top-level float initializer with >= ``min_elements`` elements by its sparse encoding.
 
     ``auto`` picks the smallest format of :func:`formats.best` and keeps a tensor dense unless
-    that saves more than a decode subgraph costs; ``bitmask``/``csr``/``rel`` force that format
+    that saves more than a decode subgraph costs; ``bitmask``/``csr``/``rel``/``relb`` force that format
     on every eligible tensor; ``coo`` stores ONNX sparse tensors; ``dense`` changes nothing.
     All-zero tensors become a ``ConstantOfShape``. Returns the new model (``proto`` is not
     mutated) and one report row per float initializer.
@@ -342,10 +371,15 @@ def compact(
         if encoding == "coo":
             row.format, row.encoded_bytes = "coo", _coo_constant(b, array, tensor.name)
         else:
-            enc = formats.best(array) if encoding == "auto" else formats.encode(array, encoding)
-            if enc.format == "dense" or (encoding == "auto" and enc.nbytes + _GRAPH_OVERHEAD >= dense_bytes):
-                kept.append(tensor)
-                continue
+            if encoding == "auto":
+                cost = {f: n + _GRAPH_OVERHEAD.get(f, 0) for f, n in formats.all_nbytes(array).items()}
+                fmt = min(cost, key=lambda f: (cost[f], f != "dense"))
+                if fmt == "dense" or cost[fmt] >= dense_bytes:
+                    kept.append(tensor)
+                    continue
+                enc = formats.encode(array, fmt)
+            else:
+                enc = formats.encode(array, encoding)
             row.format, row.encoded_bytes = enc.format, enc.nbytes
             if nnz == 0:
                 _zeros(b, shape, array.dtype, tensor.name)
@@ -356,6 +390,8 @@ def compact(
                 _decode_csr(b, enc, tensor.name)
             elif enc.format == "rel":
                 _decode_rel(b, enc, tensor.name)
+            elif enc.format == "relb":
+                _decode_relb(b, enc, tensor.name)
             else:  # coo picked by auto: narrow indices, decoded in the graph
                 _decode_coo_narrow(b, enc, tensor.name)
         new_nodes.extend(b.nodes)

@@ -8,7 +8,7 @@ from typing import Iterable
 
 import numpy as np
 
-FORMATS: tuple[str, ...] = ("dense", "bitmask", "csr", "rel", "coo")
+FORMATS: tuple[str, ...] = ("dense", "bitmask", "csr", "rel", "relb", "coo")
 
 #: Largest number of elements a tensor may have (encode and decode).
 MAX_ELEMENTS: int = 2**31
@@ -18,6 +18,8 @@ MAX_RANK: int = 32
 DEFAULT_MAX_NBYTES: int = 1 << 30
 #: Largest gap a single `rel` entry can store; a filler entry (gap 255, value 0) covers 256 positions.
 REL_MAX_GAP: int = 255
+#: Widths (bits per gap) that `relb` chooses from.
+RELB_WIDTHS: tuple[int, ...] = tuple(range(1, 17))
 
 _VALUE_KINDS = "biufc"  # bool, signed, unsigned, float, complex
 _BUFFERS: dict[str, tuple[str, ...]] = {
@@ -25,6 +27,7 @@ _BUFFERS: dict[str, tuple[str, ...]] = {
     "bitmask": ("mask", "values"),
     "csr": ("row_ptr", "col_idx", "values"),
     "rel": ("gaps", "values"),
+    "relb": ("width", "packed_gaps", "values"),
     "coo": ("indices", "values"),
 }
 _UINTS = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64))
@@ -109,6 +112,7 @@ class _Stats:
         self.nz = np.flatnonzero(self.flat)
         self.nnz = int(self.nz.size)
         self._zero_runs: np.ndarray | None = None
+        self._relb_width: int | None = None
 
     @property
     def zero_runs(self) -> np.ndarray:
@@ -120,8 +124,20 @@ class _Stats:
             self._zero_runs = self.nz - prev - 1
         return self._zero_runs
 
-    def rel_fillers(self) -> int:
-        return int(np.sum(self.zero_runs // (REL_MAX_GAP + 1)))
+    def rel_fillers(self, width: int = 8) -> int:
+        """Filler entries of relative indexing with ``width``-bit gaps."""
+        return int(np.sum(self.zero_runs >> width))
+
+    def relb_width(self) -> int:
+        """The gap width (bits) that makes ``relb`` smallest; the narrowest on ties."""
+        if self._relb_width is None:
+            self._relb_width = min(RELB_WIDTHS, key=lambda w: (_relb_nbytes(self, w), w))
+        return self._relb_width
+
+
+def _relb_nbytes(st: _Stats, width: int) -> int:
+    entries = st.nnz + st.rel_fillers(width)
+    return 1 + (entries * width + 7) // 8 + entries * st.itemsize
 
 
 def _csr_dims(shape: tuple[int, ...], n: int) -> tuple[int, int]:
@@ -142,6 +158,8 @@ def _nbytes(st: _Stats, fmt: str) -> int:
         return (rows + 1) * index_dtype(nnz).itemsize + nnz * (index_dtype(cols - 1).itemsize + v)
     if fmt == "rel":
         return (nnz + st.rel_fillers()) * (1 + v)
+    if fmt == "relb":
+        return _relb_nbytes(st, st.relb_width())
     if fmt == "coo":
         return nnz * (index_dtype(n - 1).itemsize + v)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -174,6 +192,19 @@ def _encode(st: _Stats, fmt: str) -> Encoded:
         gaps[real] = runs % (REL_MAX_GAP + 1)
         values[real] = flat[nz]
         bufs = {"gaps": gaps, "values": values}
+    elif fmt == "relb":
+        width = st.relb_width()
+        runs = st.zero_runs
+        fillers = runs >> width
+        length = st.nnz + int(fillers.sum())
+        gaps = np.full(length, (1 << width) - 1, np.int64)
+        values = np.zeros(length, st.dtype)
+        real = np.cumsum(fillers + 1) - 1
+        gaps[real] = runs & ((1 << width) - 1)
+        values[real] = flat[nz]
+        bits = ((gaps[:, None] >> np.arange(width)) & 1).astype(np.uint8)  # LSB first
+        bufs = {"width": np.array([width], _U8), "packed_gaps": np.packbits(bits.reshape(-1), bitorder="little"),
+                "values": values}
     elif fmt == "coo":
         bufs = {"indices": nz.astype(index_dtype(st.n - 1)), "values": flat[nz]}
     else:
@@ -390,6 +421,29 @@ def _decode_rel(b: dict[str, np.ndarray], shape: tuple[int, ...], n: int, dtype:
     return out
 
 
+def _decode_relb(b: dict[str, np.ndarray], shape: tuple[int, ...], n: int, dtype: np.dtype) -> np.ndarray:
+    width_buf, packed, values = b["width"], b["packed_gaps"], b["values"]
+    for name, buf in (("width", width_buf), ("packed_gaps", packed)):
+        if buf.dtype != _U8:
+            raise _fail("relb", f"buffer {name!r} has dtype {buf.dtype}, expected uint8")
+    _check_len("relb", "width", width_buf, 1, "one gap width")
+    width = int(width_buf[0])
+    if width not in RELB_WIDTHS:
+        raise _fail("relb", f"gap width {width} is outside {RELB_WIDTHS[0]}..{RELB_WIDTHS[-1]} bits")
+    _check_len("relb", "packed_gaps", packed, (values.size * width + 7) // 8, f"{width} bits per value, packed")
+    out = np.zeros(n, dtype)
+    if values.size:
+        bits = np.unpackbits(packed, bitorder="little")
+        if bits[values.size * width:].any():
+            raise _fail("relb", "packed_gaps has non-zero padding bits")
+        gaps = bits[: values.size * width].reshape(values.size, width).astype(np.int64) @ (1 << np.arange(width, dtype=np.int64))
+        pos = np.cumsum(gaps + 1) - 1
+        if int(pos[-1]) >= n:
+            raise _fail("relb", f"gaps run past the end: last entry at position {int(pos[-1])} of {n}")
+        out[pos] = values
+    return out
+
+
 def _decode_coo(b: dict[str, np.ndarray], shape: tuple[int, ...], n: int, dtype: np.dtype) -> np.ndarray:
     indices, values = b["indices"], b["values"]
     _check_index_dtype("coo", "indices", indices, n - 1, "last index")
@@ -410,6 +464,7 @@ _DECODERS = {
     "bitmask": _decode_bitmask,
     "csr": _decode_csr,
     "rel": _decode_rel,
+    "relb": _decode_relb,
     "coo": _decode_coo,
 }
 

@@ -85,21 +85,33 @@ def w(max_value: int) -> int:
     return next(b for b in (1, 2, 4, 8) if max_value < 256**b)
 
 
-def ref_rel(a: np.ndarray) -> tuple[list[int], list]:
-    """Deep-Compression relative indexing, written as a plain loop."""
+def ref_rel(a: np.ndarray, width: int = 8) -> tuple[list[int], list]:
+    """Deep-Compression relative indexing with ``width``-bit gaps, written as a plain loop."""
+    top = (1 << width) - 1
     gaps, values, run = [], [], 0
     for x in a.reshape(-1):
         if x == 0:
             run += 1
             continue
-        while run > 255:
-            gaps.append(255)
+        while run > top:
+            gaps.append(top)
             values.append(0)
-            run -= 256
+            run -= top + 1
         gaps.append(run)
         values.append(x)
         run = 0
     return gaps, values
+
+
+def ref_relb(a: np.ndarray) -> tuple[int, list[int], list]:
+    """relb by brute force: every width tried, the smallest total (narrowest on ties)."""
+    def size(width: int) -> int:
+        gaps, _ = ref_rel(a, width)
+        return 1 + -(-len(gaps) * width // 8) + len(gaps) * a.dtype.itemsize
+
+    width = min(range(1, 17), key=lambda w_: (size(w_), w_))
+    gaps, values = ref_rel(a, width)
+    return width, gaps, values
 
 
 def ref_csr(a: np.ndarray) -> tuple[list[int], list[int]]:
@@ -123,6 +135,9 @@ def expected_nbytes(a: np.ndarray, fmt: str) -> int:
     if fmt == "rel":
         runs = np.diff(np.flatnonzero(a.reshape(-1)), prepend=-1) - 1
         return (nnz + int((runs // 256).sum())) * (1 + v)
+    if fmt == "relb":
+        width, gaps, _ = ref_relb(a)
+        return 1 + -(-len(gaps) * width // 8) + len(gaps) * v
     return nnz * (w(n - 1) + v)
 
 
@@ -181,6 +196,15 @@ def test_buffers_match_reference_encoders(a: np.ndarray) -> None:
     assert csr["row_ptr"].tolist() == row_ptr and csr["col_idx"].tolist() == cols
     assert csr["row_ptr"].itemsize == w(len(cols))
     assert csr["values"].tobytes() == vals.tobytes()
+
+    width, gaps, rvals = ref_relb(a)
+    relb = encode(a, "relb").buffers
+    assert relb["width"].tolist() == [width]
+    # gap k occupies bits [k*width, (k+1)*width) of the little-endian bit stream
+    stream = int.from_bytes(relb["packed_gaps"].tobytes(), "little")
+    assert [(stream >> (k * width)) & ((1 << width) - 1) for k in range(len(gaps))] == gaps
+    assert stream >> (len(gaps) * width) == 0 and relb["packed_gaps"].size == -(-len(gaps) * width // 8)
+    assert relb["values"].tobytes() == np.array(rvals, dtype=a.dtype).tobytes()
 
     coo = encode(a, "coo").buffers
     assert coo["indices"].tolist() == np.flatnonzero(nz).tolist()
@@ -381,6 +405,15 @@ BAD_CASES = {
     "coo-duplicate": (_with(E["coo"], indices=np.array([3, 3, 140, 279], np.uint16)), "strictly increasing"),
     "rel-past-end": (_with(E["rel"], gaps=np.array([3, 5, 255, 255], np.uint8)), "past the end"),
     "rel-len-mismatch": (_with(E["rel"], gaps=E["rel"].buffers["gaps"][:-1]), "values"),
+    "relb-width-zero": (_with(E["relb"], width=np.array([0], np.uint8)), "gap width"),
+    "relb-width-17": (_with(E["relb"], width=np.array([17], np.uint8)), "gap width"),
+    "relb-width-two-bytes": (_with(E["relb"], width=np.array([8, 8], np.uint8)), "width"),
+    "relb-truncated": (_with(E["relb"], packed_gaps=E["relb"].buffers["packed_gaps"][:-1]), "packed_gaps"),
+    "relb-padding-bits": (
+        _with(_enc("relb", np.ones(3, F32)), packed_gaps=np.array([0b10000000], np.uint8)),
+        "padding",
+    ),
+    "relb-past-end": (_with(E["relb"], packed_gaps=np.full_like(E["relb"].buffers["packed_gaps"], 0xFF)), "past the end|padding"),
     "mask-padding-bits": (
         _with(_enc("bitmask", np.ones(5, F32)), mask=np.array([0b11111100], np.uint8)),
         "beyond",
@@ -586,7 +619,7 @@ def test_fuzz_random_buffers(fmt: str, data: st.DataObject) -> None:
     shape = data.draw(st.lists(st.integers(-2, 300), min_size=0, max_size=4).map(tuple))
     dtype = data.draw(st.sampled_from(FUZZ_DTYPES))
     names = {"dense": ["values"], "bitmask": ["mask", "values"], "csr": ["row_ptr", "col_idx", "values"],
-             "rel": ["gaps", "values"], "coo": ["indices", "values"]}[fmt]
+             "rel": ["gaps", "values"], "relb": ["width", "packed_gaps", "values"], "coo": ["indices", "values"]}[fmt]
     bufs = {}
     for name in names:
         bdt = dtype if name == "values" else data.draw(st.sampled_from(FUZZ_DTYPES[:4]))
