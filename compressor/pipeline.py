@@ -45,6 +45,7 @@ class Job:
     opset: int = onnx_export.DEFAULT_OPSET
     physical_removal: bool = True
     fuse_bn: bool = False
+    round_channels: int = 1
     encoding: str = "auto"
     runtime_sparse: bool = False
     progress: bool = True
@@ -105,7 +106,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     pruned_model = model
-    model, removal = remove_dead_neurons(model, data, enabled=job.physical_removal, fuse_bn=job.fuse_bn, log=log)
+    model, removal = remove_dead_neurons(model, data, enabled=job.physical_removal, fuse_bn=job.fuse_bn,
+                                         round_to=job.round_channels, log=log)
     timings["shrink_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -121,7 +123,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 def remove_dead_neurons(
-    model: torch.nn.Module, data: Dataset, *, enabled: bool, fuse_bn: bool, log: Callable[[str], None]
+    model: torch.nn.Module, data: Dataset, *, enabled: bool, fuse_bn: bool, log: Callable[[str], None],
+    round_to: int = 1,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Physically remove zeroed neurons/channels; on a model shrink cannot handle, keep the
     pruned model as it is and say why (never a wrong model)."""
@@ -133,7 +136,7 @@ def remove_dead_neurons(
         dead += int(unread.sum()) if unread is not None else 0
         if dead == 0 and not fuse_bn:
             return model, {"applied": False, "reason": "no dead neurons or channels, no unread input features"}
-        result: ShrinkResult = shrink(model, data.test.x[:2], fuse_bn=fuse_bn)
+        result: ShrinkResult = shrink(model, data.test.x[:2], fuse_bn=fuse_bn, round_to=round_to)
     except UnsupportedModel as exc:
         log(f"physical removal skipped: {exc}; exporting the pruned model with its zeros")
         return model, {"applied": False, "reason": str(exc)}
@@ -143,6 +146,7 @@ def remove_dead_neurons(
         "params_before": result.params_before,
         "params_after": result.params_after,
         "fused_batchnorm": fuse_bn,
+        "round_channels": round_to,
         "layers": [
             {"name": c.name, "type": c.kind, "before": list(c.before), "after": list(c.after)} for c in result.plan
         ],

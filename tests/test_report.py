@@ -543,3 +543,15 @@ def test_report_on_a_tiny_handmade_model_works(run_cli, tmp_path: Path, digits) 
     assert r["size"]["params_total"] == 640 and r["size"]["params_nonzero"] == 0
     assert r["quality"]["onnx_test_accuracy"] == pytest.approx(float((digits.test.y.numpy() == 0).mean()))
     assert "ONNX file bytes" in res.out
+
+
+def test_round_channels_reaches_physical_removal(runs: dict, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "rounded.onnx"
+    res = run_cli(str(runs["dir"] / "sparse.pt"), "--method", "none", "--epochs", "0", "--data", "digits",
+                  "--round-channels", "32", "--out", str(out), "-q")
+    assert res.code == 0, res
+    removal = json.loads((tmp_path / "rounded.report.json").read_text())["physical_removal"]
+    assert removal["applied"] and removal["round_channels"] == 32
+    fc1 = next(x for x in removal["layers"] if x["name"] == "fc1")
+    exact = 300 - DEAD
+    assert fc1["after"][0] == min(300, -(-exact // 32) * 32) != exact

@@ -852,3 +852,42 @@ def test_inputs_read_elsewhere_are_left_alone(build: Callable, shape: tuple[int,
     res = shrink(model, torch.randn(2, *shape))
     assert "input features" not in {c.name for c in res.plan}
     assert res.params_after == res.params_before
+
+
+# --------------------------------------------------------------------------------------------
+# widths rounded to a multiple (blocked CPU kernels)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multiple, widths", [
+    pytest.param(1, {"conv1": 11, "conv2": 23, "fc1": 253}, id="exact"),
+    pytest.param(8, {"conv1": 16, "conv2": 24, "fc1": 256}, id="round-to-8"),
+    pytest.param(16, {"conv1": 16, "conv2": 32, "fc1": 256}, id="round-to-16"),
+])
+def test_round_to_keeps_widths_at_multiples(multiple: int, widths: dict[str, int]) -> None:
+    model = models.build("lenet5", MNIST, 10).eval()
+    zero_rows(model.conv1, list(range(9)))
+    zero_rows(model.conv2, list(range(27)))
+    zero_rows(model.fc1, list(range(247)))
+    res = shrink(model, torch.randn(2, *MNIST), round_to=multiple)
+    plan = {c.name: c for c in res.plan}
+    assert {name: plan[name].after[0] for name in widths} == widths
+    assert plan["conv2"].after[1] == widths["conv1"] and plan["fc1"].after[1] == widths["conv2"] * 16
+    assert plan["fc2"].after == (10, widths["fc1"])  # the logits keep their width
+    xs = torch.randn(3, *MNIST)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(xs), model(xs), rtol=1e-4, atol=1e-5)
+    assert res.params_after == n_params(res.model)
+    assert any("round" in note for note in res.notes) == (multiple > 1)
+
+
+def test_round_to_never_exceeds_the_original_width() -> None:
+    model = models.build("lenet300", MNIST, 10).eval()
+    zero_rows(model.fc2, [0, 1, 2])  # 97 of 100 left: rounding up to 104 would be wider than the layer
+    res = shrink(model, torch.randn(2, *MNIST), round_to=8)
+    assert {c.name: c.after for c in res.plan}["fc2"] == (100, 300)
+
+
+def test_round_to_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="round_to"):
+        shrink(models.build("lenet300", MNIST, 10), torch.randn(2, *MNIST), round_to=0)
