@@ -12,3 +12,6 @@ for arch in lenet300 lenet5; do
     --out "$out/$arch-dense.onnx" --save-checkpoint "$out/$arch-dense.pt" 2> "$out/$arch-dense.log"
   echo "$arch: $(( $(date +%s) - start )) s wall" >> "$out/$arch-dense.log"
 done
+# A longer LeNet-300 baseline (40 epochs, same recipe) for the pruning runs tagged "dense40".
+compress lenet300 --method none --data "mnist:$MNIST" --epochs 40 -q \
+  --out "$out/lenet300-dense40.onnx" --save-checkpoint "$out/lenet300-dense40.pt" 2> "$out/lenet300-dense40.log"
