@@ -234,8 +234,8 @@ class SeReNe:
 
 class NeuronPruner:
     """Structured pruner: whole neurons, ranked by the L2 norm of the parameters they own
-    (default) or by their latest sensitivity; keeps at least ``min_width`` neurons in every
-    layer.
+    (default; input units' columns scaled to the rows' initial norm) or by their latest
+    sensitivity; keeps at least ``min_width`` neurons in every layer.
 
     The L2 norm is comparable across layers: PyTorch's default initialisation gives every
     weight row roughly the same norm whatever its fan-in, whereas the mean magnitude would
@@ -273,7 +273,11 @@ class NeuronPruner:
             rows = p.detach().cpu().double().reshape(p.shape[0], -1)
             sq.index_add_(0, owner[valid], rows[valid].pow(2).sum(1))
         for _, p, owner in self.neurons.columns:
-            sq.index_add_(0, owner.cpu(), p.detach().cpu().double().pow(2).sum(0))
+            # A column of an [out, in] weight has `out` entries against a row's `in`: scaled by
+            # in/out (in squares), both have the same expected norm at PyTorch's initialisation,
+            # so inputs are not pruned first just for having shorter columns.
+            scale = p.shape[1] / p.shape[0]
+            sq.index_add_(0, owner.cpu(), p.detach().cpu().double().pow(2).sum(0) * scale)
         return sq.sqrt().float()
 
     def rank(self) -> int:
