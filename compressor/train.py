@@ -368,6 +368,8 @@ def format_epoch(m: dict[str, Any], epochs: int) -> str:
     ]
     if "sparsity" in m:
         parts.append(f"sparsity {100 * m['sparsity']:.2f}%")
+    if m.get("neurons"):
+        parts.append(" ".join(f"{name.replace('input features', 'inputs')}={n}" for name, n in m["neurons"].items()))
     if m.get("threshold") is not None:
         parts.append(f"T {m['threshold']:.3g}")
     if m.get("best"):

@@ -122,3 +122,13 @@ def test_stalled_pruning_anneals_lr_and_lambda_before_stopping(method: str, synt
     if plugin.regularizer is not None:
         assert plugin.regularizer.lmbda == pytest.approx(1e-5)
     assert "pruned nothing" in result.stopped_because and trainer.epoch < 60
+
+
+def test_progress_line_shows_sparsity_threshold_and_widths() -> None:
+    from compressor.train import format_epoch
+
+    line = format_epoch({"epoch": 7, "train_loss": 0.1, "val_error": 0.02, "test_error": 0.019, "lr": 0.1,
+                         "sparsity": 0.5, "threshold": 0.031, "neurons": {"fc1": 70, "fc2": 28, "input features": 300},
+                         "best": True}, 100)
+    assert line.split() == ["epoch", "7/100", "loss", "0.1000", "val", "err", "2.00%", "test", "err", "1.90%", "lr", "0.1",
+                            "sparsity", "50.00%", "fc1=70", "fc2=28", "inputs=300", "T", "0.031", "*"]
