@@ -241,3 +241,26 @@ def test_same_seed_gives_the_same_model(run_cli, tmp_path: Path) -> None:
     a, b = outs
     assert a["training"]["history"][0]["train_loss"] == b["training"]["history"][0]["train_loss"]
     assert a["quality"]["onnx_test_accuracy"] == b["quality"]["onnx_test_accuracy"]
+
+
+def test_export_skips_unread_input_features(dense_run: dict, run_cli, tmp_path: Path) -> None:
+    """No dead neuron, only blank input columns: physical removal still runs, and the exported
+    model reads fewer features with the same outputs."""
+    state = checkpoint.load_safely(dense_run["ckpt"])
+    model = models.build("lenet300", (1, 8, 8), 10)
+    model.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        model.fc1.weight[:, [0, 7, 56, 63]] = 0  # the four corner pixels
+    ckpt = tmp_path / "corners.pt"
+    checkpoint.save_model(ckpt, model, arch="lenet300", input_shape=(1, 8, 8), num_classes=10)
+    out = tmp_path / "corners.onnx"
+    res = run_cli(str(ckpt), "--method", "none", "--epochs", "0", "--data", "digits", "--out", str(out), "-q")
+    assert res.code == 0, res
+    removal = json.loads((tmp_path / "corners.report.json").read_text())["physical_removal"]
+    layers = {x["name"]: x for x in removal["layers"]}
+    assert removal["applied"] and layers["input features"]["after"] == [60] and layers["fc1"]["after"] == [300, 60]
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model.eval()(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
