@@ -202,7 +202,8 @@ def _encode(st: _Stats, fmt: str) -> Encoded:
         real = np.cumsum(fillers + 1) - 1
         gaps[real] = runs & ((1 << width) - 1)
         values[real] = flat[nz]
-        bits = ((gaps[:, None] >> np.arange(width)) & 1).astype(np.uint8)  # LSB first
+        # Each gap as 16 little-endian bits (a uint8 per bit, not an int64), its low `width` kept.
+        bits = np.unpackbits(gaps.astype("<u2").view(_U8).reshape(length, 2), axis=1, bitorder="little")[:, :width]
         bufs = {"width": np.array([width], _U8), "packed_gaps": np.packbits(bits.reshape(-1), bitorder="little"),
                 "values": values}
     elif fmt == "coo":
@@ -436,8 +437,10 @@ def _decode_relb(b: dict[str, np.ndarray], shape: tuple[int, ...], n: int, dtype
         bits = np.unpackbits(packed, bitorder="little")
         if bits[values.size * width:].any():
             raise _fail("relb", "packed_gaps has non-zero padding bits")
-        gaps = bits[: values.size * width].reshape(values.size, width).astype(np.int64) @ (1 << np.arange(width, dtype=np.int64))
-        pos = np.cumsum(gaps + 1) - 1
+        wide = np.zeros((values.size, 16), _U8)  # back to 16-bit little-endian words
+        wide[:, :width] = bits[: values.size * width].reshape(values.size, width)
+        gaps = np.packbits(wide, axis=1, bitorder="little").view("<u2").reshape(-1)
+        pos = np.cumsum(gaps, dtype=np.int64) + np.arange(1, values.size + 1, dtype=np.int64) - 1
         if int(pos[-1]) >= n:
             raise _fail("relb", f"gaps run past the end: last entry at position {int(pos[-1])} of {n}")
         out[pos] = values
