@@ -45,7 +45,7 @@ class PruningConfig:
     stall_limit: int = 5              # stop after this many plateaus in a row that pruned nothing
     # When `anneal_after` plateaus in a row prune nothing, divide the learning rate and lambda by
     # 10 (at most `anneals` times) before giving up: the same regularized objective with less SGD
-    # noise. Off by default: on LeNet-300 it pruned less (docs/results.md).
+    # noise. Measured to help serene and hurt lobster (docs/results.md); the CLI picks per method.
     anneals: int = 0
     anneal_after: int = 2
     min_width: int = 1                # serene: neurons every layer keeps
