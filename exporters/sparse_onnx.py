@@ -321,8 +321,8 @@ def compact(
 ) -> tuple[onnx.ModelProto, list[TensorEncoding]]:
     """Replace each top-level float initializer with >= ``min_elements`` elements by its sparse encoding.
 
-    ``auto`` picks the smallest format of :func:`formats.best` and keeps a tensor dense unless
-    that saves more than a decode subgraph costs; ``bitmask``/``csr``/``rel``/``relb`` force that format
+    ``auto`` picks the format whose buffers plus decode subgraph take the fewest bytes, and keeps
+    a tensor dense unless that is smaller than the dense tensor; ``bitmask``/``csr``/``rel``/``relb`` force that format
     on every eligible tensor; ``coo`` stores ONNX sparse tensors; ``dense`` changes nothing.
     All-zero tensors become a ``ConstantOfShape``. Returns the new model (``proto`` is not
     mutated) and one report row per float initializer.
