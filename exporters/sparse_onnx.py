@@ -19,8 +19,12 @@ named ``decode/<tensor>/<buffer>``, intermediates ``decode/<k>/<tag>`` and share
 * csr: ``ScatterElements(reduction="add")`` of ones at ``row_ptr[1:R]`` into zeros[nnz+1] and a
   ``CumSum`` give each non-zero's row; ``lin = row * C + col``.
 * rel: ``lin = CumSum(gaps + 1) - 1``.
+* relb: entry k's b-bit gap starts at bit ``k*b``: ``Range -> Mul(b) -> Div/Mod(8)`` give its
+  byte and shift, a ``Gather`` of three bytes (the stream padded by two zero bytes) and
+  ``Mul([1, 256, 65536]) -> ReduceSum`` a 24-bit word, ``Div(2**shift) -> Mod(2**b)`` the gap;
+  then as rel.
 * coo (chosen by ``auto`` only, narrow indices): ``lin = Cast(indices, int64)``.
-* csr/rel/coo then unravel ``lin`` with ``Div``/``Mod`` by the strides and ``ScatterND`` the
+* csr/rel/relb/coo then unravel ``lin`` with ``Div``/``Mod`` by the strides and ``ScatterND`` the
   values into ``ConstantOfShape(shape)``: scattering straight into the final shape keeps the
   session-creation peak lower than scattering flat and reshaping (shared/research/formats.md 2.4).
 * an all-zero tensor is a bare ``ConstantOfShape`` whatever the encoding (reported with 0 bytes).
