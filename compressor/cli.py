@@ -105,7 +105,7 @@ def cli() -> None:
 @click.option("--fuse-bn", is_flag=True, help="Fold BatchNorm into the preceding Conv/Linear before export.")
 @click.option("--format", "encoding", type=click.Choice(["auto", "dense", "bitmask", "csr", "rel", "relb", "coo"]), default="auto",
               show_default=True,
-              help="Storage of sparse weights in the ONNX file: auto picks the smallest per tensor; bitmask/csr/rel/relb are "
+              help="Storage of sparse weights in the ONNX file: auto picks the smallest per tensor, decode graph included; bitmask/csr/rel/relb are "
                    "decoded by standard ops that onnxruntime folds at load; coo is ONNX's own sparse tensor (for .ort/minimal builds).")
 @click.option("--runtime-sparse", is_flag=True,
               help="Execute sparse Linear layers (>= 90 % zeros) sparsely in onnxruntime: less memory, faster at small batch.")
@@ -189,7 +189,7 @@ def default_recipe(method: str) -> dict[str, float | int | str]:
     """Training defaults per method: a fast dense recipe, and the papers' pruning recipe."""
     if method == "none":
         return {"epochs": 20, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "cosine"}
-    # Annealing on stall helped serene on LeNet-300 (10.0x fewer MACs at 1.78 % instead of 7.5x at
+    # Annealing on stall helped serene on LeNet-300 (9.97x fewer MACs at 1.78 % instead of 7.5x at
     # 1.94 %) and hurt lobster (36x instead of 60x): docs/results.md.
     return {"epochs": 100, "lr": 0.1, "momentum": 0.0, "weight_decay": 1e-4 if method == "magnitude" else 0.0,
             "lr_schedule": "plateau", "anneals": 2 if method == "serene" else 0}
