@@ -62,7 +62,7 @@ _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
 # (the first subgraph of a model also stores the shared constants, about 100-450 more). "auto"
 # picks the format with the smallest buffers + subgraph, and keeps a tensor dense unless that
 # saves bytes.
-_GRAPH_OVERHEAD = {"bitmask": 700, "csr": 1300, "rel": 660, "relb": 1520, "coo": 660}
+_GRAPH_OVERHEAD = {"bitmask": 700, "csr": 1300, "rel": 660, "relb": 1600, "coo": 660}
 # Runtime-sparse: batches of at most this many rows take the GatherElements path (its cost grows
 # with rows); larger ones gather whole rows of x^T, whose cost is nearly flat in the batch
 # (measured crossover 4-8 rows on 4096x4096 at 99 % zeros).
@@ -267,28 +267,35 @@ def _decode_rel(b: _Builder, enc: formats.Encoded, out: str) -> None:
 
 def _decode_relb(b: _Builder, enc: formats.Encoded, out: str) -> None:
     """Bit-packed gaps: entry k's gap is bits [k*w, (k+1)*w) of the little-endian stream, read
-    as three bytes from byte k*w // 8 (w <= 16 bits plus a shift < 8 fit in 24 bits)."""
+    as three bytes from byte k*w // 8 (w <= 16 bits plus a shift < 8 fit in 24 bits). The per-entry
+    arithmetic runs in int32 where positions fit (halving the memory ORT needs to fold it)."""
     width = int(enc.buffers["width"][0])
     entries = int(enc.buffers["values"].size)
+    n = math.prod(enc.shape)
+    narrow = max(n, entries * width + 24) < 2**31 - 1
+    it, inp = (TensorProto.INT32, np.int32) if narrow else (TensorProto.INT64, np.int64)
+    tag = "i32" if narrow else "i64"
     packed = b.buffer("packed_gaps", enc.buffers["packed_gaps"])
     values = b.buffer("values", enc.buffers["values"])
-    one = b.const("one_i64", np.array([1], np.int64))
-    zero_scalar, one_scalar = b.const("zero_s64", np.array(0, np.int64)), b.const("one_s64", np.array(1, np.int64))
-    stream = b.op("Cast", [packed], "p", to=TensorProto.INT64)
-    stream = b.op("Concat", [stream, b.const("zeros2_i64", np.zeros(2, np.int64))], "pp", axis=0)
-    k = b.op("Range", [zero_scalar, b.init("count", np.array(entries, np.int64)), one_scalar], "k")
-    offset = b.op("Mul", [k, b.init("width", np.array([width], np.int64))], "o")
-    eight = b.const("eight_i64", np.array([8], np.int64))
+    one = b.const(f"one_{tag}", np.array([1], inp))
+    zero_scalar, one_scalar = b.const(f"zero_s{tag}", np.array(0, inp)), b.const(f"one_s{tag}", np.array(1, inp))
+    stream = b.op("Cast", [packed], "p", to=it)
+    stream = b.op("Concat", [stream, b.const(f"zeros2_{tag}", np.zeros(2, inp))], "pp", axis=0)
+    k = b.op("Range", [zero_scalar, b.init("count", np.array(entries, inp)), one_scalar], "k")
+    offset = b.op("Mul", [k, b.init("width", np.array([width], inp))], "o")
+    eight = b.const(f"eight_{tag}", np.array([8], inp))
     byte, shift = b.op("Div", [offset, eight], "by"), b.op("Mod", [offset, eight], "sh")
     three = b.op("Add", [b.op("Unsqueeze", [byte, b.const("axis1", np.array([1], np.int64))], "u"),
-                         b.const("arange3_i64", np.arange(3, dtype=np.int64))], "t")
-    weights = b.const("bytes3_i64", np.array([1, 256, 65536], np.int64))
+                         b.const(f"arange3_{tag}", np.arange(3, dtype=inp))], "t")
+    weights = b.const(f"bytes3_{tag}", np.array([1, 256, 65536], inp))
     word = b.op("ReduceSum", [b.op("Mul", [b.op("Gather", [stream, three], "b3", axis=0), weights], "m"),
-                              one], "w", keepdims=0)
-    divisor = b.op("Gather", [b.const("pow2_i64", 2 ** np.arange(8, dtype=np.int64)), shift], "d", axis=0)
-    gap = b.op("Mod", [b.op("Div", [word, divisor], "q"), b.init("modulus", np.array([1 << width], np.int64))], "g")
+                              b.const("one_i64", np.array([1], np.int64))], "w", keepdims=0)
+    divisor = b.op("Gather", [b.const(f"pow2_{tag}", 2 ** np.arange(8, dtype=inp)), shift], "d", axis=0)
+    gap = b.op("Mod", [b.op("Div", [word, divisor], "q"), b.init("modulus", np.array([1 << width], inp))], "g")
     end = b.op("CumSum", [b.op("Add", [gap, one], "st"), b.const("axis0_int64", np.array(0, np.int64))], "end")
     lin = b.op("Sub", [end, one], "lin")
+    if narrow:
+        lin = b.op("Cast", [lin], "lin64", to=TensorProto.INT64)  # ScatterND wants int64 indices
     _scatter(b, lin, values, enc.shape, enc.dtype, out)
 
 
