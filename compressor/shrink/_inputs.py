@@ -71,8 +71,10 @@ def unread_input_features(gm: fx.GraphModule) -> Tensor | None:
     """Bool mask of the input features the first Linear reads through all-zero weights (None
     when the input does not go straight into one Linear)."""
     linear_node = input_linear(gm)
-    if linear_node is None:
-        return None
+    return None if linear_node is None else _unread(gm, linear_node)
+
+
+def _unread(gm: fx.GraphModule, linear_node: fx.Node) -> Tensor:
     return (gm.get_submodule(str(linear_node.target)).weight.detach() == 0).all(0)
 
 
@@ -84,7 +86,7 @@ def select_input_features(gm: fx.GraphModule) -> tuple[int, int] | None:
     if linear_node is None:
         return None
     linear = gm.get_submodule(str(linear_node.target))
-    used = ~unread_input_features(gm)
+    used = ~_unread(gm, linear_node)
     kept = int(used.sum())
     if kept in (0, used.numel()):  # nothing to gain, or a layer that reads nothing (keep it simple)
         return None
