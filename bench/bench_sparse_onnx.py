@@ -11,7 +11,11 @@
    95 and 99 %).
 2. ``runtime_sparse_linear`` vs dense on a 4096->4096 Linear (with bias): onnxruntime latency
    (one thread, median) at batch 1 and 32, and resident memory after session creation (VmRSS delta
-   and VmHWM from /proc/self/status), every configuration in a fresh subprocess.
+   and VmHWM from /proc/self/status), every configuration in a fresh subprocess. Dense and sparse
+   processes alternate for ``ROUNDS`` rounds and the latency is the median of the rounds' medians,
+   so that a slow spell of the machine does not land on one side only. (Running the two sessions
+   interleaved in one process would be unfair the other way: each dense run evicts the sparse
+   model's data from the caches.)
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ BIG_CHECKED = (0.95, 0.99)  # 4096x4096 rows whose folding and parity are checke
 RUNTIME_SIZE = 4096
 RUNTIME_SPARSITIES = [0.9, 0.95, 0.99]
 BATCHES = (1, 32)
+ROUNDS = 3
 TIME_BUDGET_S = 1.5  # per (configuration, batch) timing loop
 MIN_RUNS = 10
 
@@ -227,15 +232,32 @@ def runtime(seed: int) -> list[dict]:
             for b in BATCHES:
                 x = rng.standard_normal((b, n)).astype(np.float32)
                 parity[str(b)] = float(np.max(np.abs(_ort_out(sparse, x) - _ort_out(dense, x))))
-            for kind, proto in (("dense", dense), ("runtime-sparse", sparse)):
-                path = tmpdir / f"{kind}_{s}.onnx"
-                onnx_export.save(proto, path)
+            kinds = (("dense", dense), ("runtime-sparse", sparse))
+            paths = {}
+            for kind, proto in kinds:
+                paths[kind] = tmpdir / f"{kind}_{s}.onnx"
+                onnx_export.save(proto, paths[kind])
+            rounds: dict[str, list[dict]] = {kind: [] for kind, _ in kinds}
+            for _ in range(ROUNDS):
+                for kind, _ in kinds:
+                    rounds[kind].append(_run_child(paths[kind], BATCHES, n))
+            for kind, proto in kinds:
+                path = paths[kind]
                 weight_bytes = sum(
                     onnx.numpy_helper.to_array(t).nbytes
                     for t in proto.graph.initializer
                     if t.name == wname or t.name.startswith(sparse_onnx.SPARSE_PREFIX)
                 )
-                res = _run_child(path, BATCHES, n)
+                res = dict(rounds[kind][0])  # memory: deterministic, first round
+                res["latency"] = {
+                    str(b): {
+                        "median_ms": float(np.median([r["latency"][str(b)]["median_ms"] for r in rounds[kind]])),
+                        "min_ms": min(r["latency"][str(b)]["min_ms"] for r in rounds[kind]),
+                        "runs": sum(r["latency"][str(b)]["runs"] for r in rounds[kind]),
+                        "round_medians_ms": [r["latency"][str(b)]["median_ms"] for r in rounds[kind]],
+                    }
+                    for b in BATCHES
+                }
                 rows.append({
                     "sparsity": s, "kind": kind, "file_bytes": path.stat().st_size, "weight_bytes": int(weight_bytes),
                     "max_abs_diff_vs_dense": parity if kind != "dense" else None, **res,
@@ -333,7 +355,7 @@ def main() -> None:
     print_summary(size_rows, runtime_rows)
     meta = {
         "seed": args.seed, "dtype": "float32", "mask": "i.i.d. uniform", "versions": versions(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "ort_threads": 1, "time_budget_per_timing_s": TIME_BUDGET_S,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "ort_threads": 1, "time_budget_per_timing_s": TIME_BUDGET_S, "latency_rounds": ROUNDS,
         "note": "shared, noisy 2-core VM: only ratios of about 2x or more are meaningful",
         "bench_wall_s": round(total_s, 1),
     }

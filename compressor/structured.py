@@ -23,6 +23,7 @@ from .shrink import channel_groups, input_layer
 
 _OWNING_ROLES = ("out", "dw", "bn")
 INPUT_UNITS = "input features"  # the layer name input units count towards
+AVERAGE_DECAY = 0.99  # of the running mean of sensitivities that neurons are ranked by
 
 
 @dataclass
@@ -204,9 +205,17 @@ class SeReNe:
         self.masks = masks
         self.sensitivity = NeuronSensitivity(model, neurons, exact=exact)
         self.last: torch.Tensor | None = None
+        # Running mean over recent batches (about the last 100): one batch's sensitivity is too
+        # noisy to rank neurons by.
+        self.average: torch.Tensor | None = None
 
     def observe(self, output: torch.Tensor) -> None:
         self.last = self.sensitivity.compute(output)
+        current = self.last.detach()
+        if self.average is None:
+            self.average = current.clone()
+        else:
+            self.average.mul_(AVERAGE_DECAY).add_(current, alpha=1.0 - AVERAGE_DECAY)
 
     def remove_hooks(self) -> None:
         """Detach from the model (needed before tracing it, e.g. for physical removal)."""
@@ -234,7 +243,7 @@ class SeReNe:
 
 class NeuronPruner:
     """Structured pruner: whole neurons, ranked by the L2 norm of the parameters they own
-    (default; input units' columns scaled to the rows' initial norm) or by their latest
+    (default; input units' columns scaled to the rows' initial norm) or by their recent mean
     sensitivity; keeps at least ``min_width`` neurons in every layer.
 
     The L2 norm is comparable across layers: PyTorch's default initialisation gives every
@@ -264,8 +273,8 @@ class NeuronPruner:
         return alive_rows > 0
 
     def scores(self) -> torch.Tensor:
-        if self.by_sensitivity is not None and self.by_sensitivity.last is not None:
-            return self.by_sensitivity.last.detach().cpu()
+        if self.by_sensitivity is not None and self.by_sensitivity.average is not None:
+            return self.by_sensitivity.average.cpu()
         sq = torch.zeros(self.neurons.count, dtype=torch.float64)
         for _, p, owner in self.neurons.rows:
             owner = owner.cpu()

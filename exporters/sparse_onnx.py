@@ -30,10 +30,11 @@ named ``decode/<tensor>/<buffer>``, intermediates ``decode/<k>/<tag>`` and share
 * an all-zero tensor is a bare ``ConstantOfShape`` whatever the encoding (reported with 0 bytes).
 
 :func:`runtime_sparse_linear` is the other trade: the weight of a sparse Gemm/MatMul stays sparse
-in memory (ELL layout: per output row, a fixed number of column indices and values) and is
-executed with Gather-based standard ops, so it is never materialised dense. An ``If`` on the
-number of input rows picks ``GatherElements`` for tiny batches and a transposed ``Gather`` plus a
-batched ``MatMul`` otherwise.
+in memory (sliced ELL layout: rows sorted by length and cut into slices, each slice storing per
+row a fixed number of column indices and values) and is executed with Gather-based standard ops,
+so it is never materialised dense. An ``If`` on the number of input rows picks
+``GatherElements`` for tiny batches and a transposed ``Gather`` plus a batched ``MatMul``
+otherwise.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _GRAPH_OVERHEAD = {"bitmask": 700, "csr": 1300, "rel": 660, "relb": 1600, "coo":
 # with rows); larger ones gather whole rows of x^T, whose cost is nearly flat in the batch
 # (measured crossover 4-8 rows on 4096x4096 at 99 % zeros).
 _FEW_ROWS = 4
+_SLICE_ROWS = 256  # output rows per slice of the runtime-sparse layout (bench/bench_sparse_onnx.py)
 
 
 @dataclass
@@ -453,19 +455,34 @@ def _walk_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
 # Runtime-sparse Linear
 
 
-def _ell(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """ELL layout of ``w`` [out, in]: column indices and values per row, padded to the longest row."""
-    rows, cols = np.nonzero(w)
-    counts = np.bincount(rows, minlength=w.shape[0])
-    width = max(int(counts.max()) if counts.size else 0, 1)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    slot = np.arange(rows.size) - starts[rows]
-    # Padding reads column 0 and multiplies it by 0, which is what the dense product does too.
-    idx = np.zeros((w.shape[0], width), np.int32)
-    vals = np.zeros((w.shape[0], width), w.dtype)
-    idx[rows, slot] = cols
-    vals[rows, slot] = w[rows, cols]
-    return idx, vals, width
+@dataclass
+class _SlicedEll:
+    """Sliced ELL layout of ``w`` [out, in]: rows sorted by their number of non-zeros, cut into
+    slices of ``_SLICE_ROWS`` rows, each slice padded only to its own longest row."""
+
+    slices: list[tuple[np.ndarray, np.ndarray]]  # per slice: column indices [rows*width], values [rows, 1, width]
+    inverse: np.ndarray | None  # sorted position of each original row; None when already in order
+
+
+def _sliced_ell(w: np.ndarray) -> _SlicedEll:
+    counts = np.count_nonzero(w, axis=1)
+    order = np.argsort(-counts, kind="stable")
+    slices = []
+    for start in range(0, w.shape[0], _SLICE_ROWS):
+        rows = order[start:start + _SLICE_ROWS]
+        block = w[rows]
+        r, cols = np.nonzero(block)
+        width = max(int(counts[rows].max()) if rows.size else 0, 1)
+        starts = np.concatenate([[0], np.cumsum(counts[rows])[:-1]])
+        slot = np.arange(r.size) - starts[r]
+        # Padding reads column 0 and multiplies it by 0, which is what the dense product does too.
+        idx = np.zeros((rows.size, width), np.int32)
+        vals = np.zeros((rows.size, width), w.dtype)
+        idx[r, slot] = cols
+        vals[r, slot] = block[r, cols]
+        slices.append((idx.reshape(-1), vals.reshape(rows.size, 1, width)))
+    identity = bool(np.all(order == np.arange(order.size)))
+    return _SlicedEll(slices, None if identity else np.argsort(order).astype(np.int64))
 
 
 def _known_rank(graph: onnx.GraphProto, name: str) -> int | None:
@@ -483,11 +500,13 @@ def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
 
 
 def _sparse_matmul(
-    b: _Builder, x: str, idx_name: str, vals_name: str, n_out: int, width: int, out: str, elem_type: int
+    b: _Builder, x: str, slices: list[tuple[str, str, int, int]], inverse: str | None, out: str, elem_type: int, n_out: int
 ) -> None:
     """y[r, o] = sum_k x[r, idx[o, k]] * vals[o, k] for a 2-D ``x`` [rows, in], as standard ops.
 
-    ``idx_name`` is the [1, out*width] int32 index initializer, ``vals_name`` the [out, 1, width] values.
+    ``slices`` holds, per slice of (sorted) output rows, the names of its [rows*width] int32 index
+    and [rows, 1, width] value initializers, its row count and width; ``inverse`` the Gather
+    indices that put the sorted rows back in order.
     """
     rows = b.op("Shape", [x], "rows", start=0, end=1)
     few = b.op("LessOrEqual", [rows, b.init("few_rows", np.array([_FEW_ROWS], np.int64))], "few")
@@ -497,22 +516,35 @@ def _sparse_matmul(
     # batch row, so the cost grows with the batch. Only activations are reshaped: a Reshape of
     # the stored values would be constant-folded into a second copy of them.
     t = b.child(b.prefix + "few/")
-    ie_shape = t.op("Concat", [rows, b.init("flat_len", np.array([n_out * width], np.int64))], "idx_shape", axis=0)
-    ie = t.op("Expand", [idx_name, ie_shape], "idx_rows")
-    g = t.op("GatherElements", [x, ie], "picked", axis=1)
-    g = t.op("Reshape", [g, b.init("picked_shape", np.array([-1, n_out, 1, width], np.int64))], "picked4")
-    prod = t.op("Mul", [g, vals_name], "prod")  # [rows, out, 1, width]
-    y_few = t.op("ReduceSum", [prod, b.init("sum_axes", np.array([2, 3], np.int64))], "y", keepdims=0)
+    axes = b.init("sum_axes", np.array([2, 3], np.int64))
+    parts = []
+    for i, (idx, vals, n, width) in enumerate(slices):
+        shape = t.op("Concat", [rows, b.init(f"s{i}_flat_len", np.array([n * width], np.int64))], f"s{i}_idx_shape", axis=0)
+        ie = t.op("Expand", [idx, shape], f"s{i}_idx_rows")
+        g = t.op("GatherElements", [x, ie], f"s{i}_picked", axis=1)
+        g = t.op("Reshape", [g, b.init(f"s{i}_picked_shape", np.array([-1, n, 1, width], np.int64))], f"s{i}_picked4")
+        prod = t.op("Mul", [g, vals], f"s{i}_prod")  # [rows, n, 1, width]
+        parts.append(t.op("ReduceSum", [prod, axes], f"s{i}_y", keepdims=0))
+    y_few = t.op("Concat", parts, "y_sorted", axis=1) if len(parts) > 1 else parts[0]
+    if inverse is not None:
+        y_few = t.op("Gather", [y_few, inverse], "y", axis=1)
 
     # Many rows: gather whole rows of x^T (one memcpy of `rows` floats per stored entry), then a
-    # batched [1, width] @ [width, rows] product per output row.
+    # batched [1, width] @ [width, rows] product per output row. Slicing keeps each gathered
+    # block small enough to stay in cache between the Gather and the MatMul, and sorting the
+    # rows by length first keeps the padding small.
     e = b.child(b.prefix + "many/")
     xt = e.op("Transpose", [x], "xt", perm=[1, 0])
-    g = e.op("Gather", [xt, idx_name], "picked", axis=0)  # [1, out*width, rows]
-    g = e.op("Reshape", [g, b.init("picked_t_shape", np.array([n_out, width, -1], np.int64))], "picked3")
-    prod = e.op("MatMul", [vals_name, g], "dot")  # [out, 1, rows]
-    prod = e.op("Reshape", [prod, b.init("dot_shape", np.array([n_out, -1], np.int64))], "dot2")
-    y_many = e.op("Transpose", [prod], "y", perm=[1, 0])
+    parts = []
+    for i, (idx, vals, n, width) in enumerate(slices):
+        g = e.op("Gather", [xt, idx], f"s{i}_picked", axis=0)  # [n*width, rows]
+        g = e.op("Reshape", [g, b.init(f"s{i}_picked_t_shape", np.array([n, width, -1], np.int64))], f"s{i}_picked3")
+        prod = e.op("MatMul", [vals, g], f"s{i}_dot")  # [n, 1, rows]
+        parts.append(e.op("Reshape", [prod, b.init(f"s{i}_dot_shape", np.array([n, -1], np.int64))], f"s{i}_dot2"))
+    y_many = e.op("Concat", parts, "dot_sorted", axis=0) if len(parts) > 1 else parts[0]
+    if inverse is not None:
+        y_many = e.op("Gather", [y_many, inverse], "dot", axis=0)
+    y_many = e.op("Transpose", [y_many], "y", perm=[1, 0])
 
     def branch(bld: _Builder, y: str, label: str) -> onnx.GraphProto:
         vi = helper.make_tensor_value_info(y, elem_type, [None, n_out])
@@ -568,7 +600,7 @@ def runtime_sparse_linear(
             raise ExportError(f"not the 2-D float weight initializer of a Gemm/MatMul: {', '.join(missing)}")
         candidates &= set(names)
 
-    ell: dict[str, tuple[str, str, int]] = {}  # weight variant -> (index init, values init, width)
+    ell: dict[str, tuple[list[tuple[str, str, int, int]], str | None]] = {}  # weight variant -> slices, inverse
     shared: dict[str, str] = {}
     new_nodes: list[onnx.NodeProto] = []
     rewritten: set[str] = set()
@@ -588,11 +620,15 @@ def runtime_sparse_linear(
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         key = f"{w_name}|{node.op_type}|{_attr(node, 'transB', 0)}|{alpha}"
         if key not in ell:  # a weight shared by several nodes is stored once
-            idx, vals, width = _ell(w)
-            if alpha != 1.0:
-                vals = (vals * alpha).astype(w.dtype)
-            ell[key] = (b.init("ell_idx", idx.reshape(1, -1)), b.init("ell_vals", vals.reshape(n_out, 1, width)), width)
-        idx_name, vals_name, width = ell[key]
+            layout = _sliced_ell(w)
+            slices = []
+            for i, (idx, vals) in enumerate(layout.slices):
+                if alpha != 1.0:
+                    vals = (vals * alpha).astype(w.dtype)
+                slices.append((b.init(f"ell{i}_idx", idx), b.init(f"ell{i}_vals", vals), vals.shape[0], vals.shape[2]))
+            inverse = b.init("ell_inverse", layout.inverse) if layout.inverse is not None else None
+            ell[key] = (slices, inverse)
+        slices, inverse = ell[key]
         x, y = node.input[0], node.output[0]
         elem = inits[w_name].data_type
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] != ""
@@ -601,7 +637,7 @@ def runtime_sparse_linear(
         if flatten:
             x2 = b.op("Reshape", [x, b.init("x2_shape", np.array([-1, n_in], np.int64))], "x2")
         y2 = b.name("y2") if (has_bias or flatten) else y
-        _sparse_matmul(b, x2, idx_name, vals_name, n_out, width, y2, elem)
+        _sparse_matmul(b, x2, slices, inverse, y2, elem, n_out)
         if flatten:
             lead = b.op("Shape", [x], "lead", start=0, end=-1)
             y_shape = b.op("Concat", [lead, b.init("out_dim", np.array([n_out], np.int64))], "y_shape", axis=0)

@@ -360,3 +360,47 @@ def test_runtime_sparse_matmul_rank3_input() -> None:
     for batch in (1, 3):
         x = rng.standard_normal((batch, 5, 48)).astype(np.float32)
         np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w, rtol=0, atol=1e-5)
+
+
+def test_sliced_ell_layout_rebuilds_the_weight_with_less_padding() -> None:
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((600, 90)) * (rng.random((600, 90)) > 0.9)).astype(np.float32)
+    w[:40] *= rng.random((40, 90)) > 0.8  # uneven row lengths
+    w[7] = 0.0  # an empty row
+    layout = sp._sliced_ell(w)
+    assert [vals.shape[0] for _, vals in layout.slices] == [256, 256, 88]
+    widths = [vals.shape[2] for _, vals in layout.slices]
+    assert widths == sorted(widths, reverse=True)
+    sorted_rows = np.concatenate([
+        _ell_rows_dense(idx, vals, w.shape[1]) for idx, vals in layout.slices
+    ])
+    np.testing.assert_array_equal(sorted_rows[layout.inverse], w)
+    padded = sum(vals.size for _, vals in layout.slices)
+    assert padded < w.shape[0] * np.count_nonzero(w, axis=1).max()
+
+
+def _ell_rows_dense(idx: np.ndarray, vals: np.ndarray, n_in: int) -> np.ndarray:
+    n, _, width = vals.shape
+    dense = np.zeros((n, n_in), vals.dtype)
+    np.add.at(dense, (np.repeat(np.arange(n), width), idx), vals.reshape(-1))
+    return dense
+
+
+@pytest.mark.parametrize("batch", [pytest.param(1, id="few-rows"), pytest.param(9, id="many-rows")])
+def test_runtime_sparse_gemm_with_several_slices(batch: int) -> None:
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((700, 64)) * (rng.random((700, 64)) > 0.95)).astype(np.float32)
+    w[100:130] = 0.0
+    bias = rng.standard_normal(700).astype(np.float32)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 700])
+    node = helper.make_node("Gemm", ["x", "w", "bias"], ["y"], transB=1)
+    graph = helper.make_graph([node], "g", [x_info], [y_info],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    sparse = sp.runtime_sparse_linear(model)
+    onnx_export.check(sparse)
+    sess = ort.InferenceSession(sparse.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((batch, 64)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T + bias, rtol=0, atol=1e-5)

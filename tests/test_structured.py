@@ -8,7 +8,7 @@ from torch import nn
 
 from compressor.masks import Masks, prunable_parameters
 from compressor.methods import PruningConfig, make
-from compressor.structured import NeuronPruner, NeuronSensitivity, SeReNe, find_neurons
+from compressor.structured import AVERAGE_DECAY, NeuronPruner, NeuronSensitivity, SeReNe, find_neurons
 from compressor.train import Trainer, TrainConfig
 
 
@@ -153,6 +153,28 @@ def test_regularizer_shrinks_every_parameter_of_a_neuron_together() -> None:
         torch.testing.assert_close(p.detach(), value * factor.view(-1, *([1] * (p.dim() - 1))), msg=name)
     # the consumer's input weights do not belong to the neuron: untouched
     assert torch.equal(model.fc.weight.detach(), consumer)
+
+
+def test_sensitivity_ranking_uses_the_running_mean_not_the_last_batch() -> None:
+    torch.manual_seed(0)
+    model = TinyMLP(bn=False)
+    neurons = find_neurons(model, torch.randn(2, 4))
+    reg = SeReNe(model, neurons, lmbda=0.0)
+    batches = [torch.randn(8, 4) for _ in range(5)]
+    seen = []
+    for x in batches:
+        reg.observe(model(x))
+        seen.append(reg.last.clone())
+    expected = seen[0]
+    for s in seen[1:]:
+        expected = expected * AVERAGE_DECAY + s * (1 - AVERAGE_DECAY)
+    torch.testing.assert_close(reg.average, expected)
+    assert not torch.allclose(reg.average, reg.last)
+    pruner = NeuronPruner(neurons, Masks(prunable_parameters(model)), sensitivity=reg)
+    torch.testing.assert_close(pruner.scores(), expected)
+    pruner.rank()
+    pruner.prune_first(1, permanent=True)
+    assert pruner.alive.tolist().index(False) == int(expected.argmin())
 
 
 def test_pruned_neurons_stay_zero_through_training(synthetic) -> None:
