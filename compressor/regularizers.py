@@ -9,8 +9,9 @@ Each regularizer is used like a second optimizer::
     reg.step()                   # p <- p - lmbda * p * max(0, 1 - S(p)); pruned entries stay 0
 
 ``lmbda`` is *not* scaled by the learning rate. Because ``step()`` reads ``p.grad`` after
-``backward()``, it sees the gradients DistributedDataParallel has already averaged, so the
-same code runs unchanged under ``torchrun``.
+``backward()``, it sees the gradients DistributedDataParallel has already averaged; output
+sensitivities, which DDP does not see, are averaged across ranks in ``observe()``. So the
+same code runs unchanged under ``torchrun`` and every rank applies the same update.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .distributed import mean_across_ranks
 from .masks import Masks, prunable_parameters
 
 
@@ -98,9 +100,11 @@ class OutputSensitivity(SensitivityRegularizer):
         mean_output = output.mean(0)
         if self.exact:
             grads = self._per_class_grads(mean_output, params)
+            mean_across_ranks(grads)  # signed, as for the global batch
             sens = [g.abs().sum(0) / classes for g in grads]
         else:
             grads = torch.autograd.grad(mean_output.sum(), params, retain_graph=True, allow_unused=True)
+            mean_across_ranks([g for g in grads if g is not None])  # signed, as for the global batch
             sens = [None if g is None else g.abs() / classes for g in grads]
         self._sens = {n: s for n, s in zip(names, sens) if s is not None}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .distributed import mean_across_ranks
 from .masks import Masks, prunable_parameters
 from .shrink import channel_groups, input_layer
 
@@ -211,6 +212,8 @@ class SeReNe:
 
     def observe(self, output: torch.Tensor) -> None:
         self.last = self.sensitivity.compute(output)
+        # Under torchrun: the mean of the ranks' batch means, so every rank shrinks alike.
+        mean_across_ranks([self.last])
         current = self.last.detach()
         if self.average is None:
             self.average = current.clone()

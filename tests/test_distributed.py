@@ -1,0 +1,85 @@
+"""Regularizers under DistributedDataParallel: two gloo ranks, each on half of a batch, must end
+with the same parameters as each other and as one process trained on the whole batch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from compressor.masks import Masks, prunable_parameters
+from compressor.regularizers import LOBSTER, OutputSensitivity
+from compressor.structured import SeReNe, find_neurons
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+STEPS = 4
+BATCH = 16  # global; each of the two ranks sees half
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc1 = nn.Linear(4 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1))))
+
+
+def _regularizer(kind: str, model: nn.Module, masks: Masks):
+    if kind == "lobster":
+        return LOBSTER(model, 0.05, masks)
+    if kind == "sensitivity":
+        return OutputSensitivity(model, 0.05, masks)
+    if kind == "sensitivity-exact":
+        return OutputSensitivity(model, 0.05, masks, exact=True)
+    return SeReNe(model, find_neurons(model, torch.zeros(2, 1, 6, 6)), 0.05, masks)
+
+
+def _train(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    data = torch.randn(STEPS, BATCH, 1, 6, 6)
+    labels = torch.randint(0, 5, (STEPS, BATCH))
+    masks = Masks(prunable_parameters(model))
+    reg = _regularizer(kind, model, masks)
+    net = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    share = BATCH // world
+    for step in range(STEPS):
+        x = data[step, rank * share:(rank + 1) * share]
+        y = labels[step, rank * share:(rank + 1) * share]
+        opt.zero_grad()
+        out = net(x)
+        reg.observe(out)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        reg.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rank_main(rank: int, world: int, kind: str, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.save(_train(kind, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["lobster", "sensitivity", "sensitivity-exact", "serene"])
+def test_two_ranks_match_each_other_and_one_process_on_the_whole_batch(kind: str, tmp_path: Path) -> None:
+    mp.spawn(_rank_main, args=(2, kind, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _train(kind, 0, 1)
+    for name, value in single.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"{name}: ranks differ")
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=f"{name}: differs from one process")
