@@ -38,18 +38,23 @@ def main() -> None:
     if not runs:
         sys.exit(f"no results in {RESULTS}")
     lines = [
-        "| arch | method | tag | pruned | compression | test error | wall | params after removal | MACs ratio | ONNX bytes (dense -> compact) | b1 / b64 speed-up |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arch | method | tag | pruned | compression | test error | wall | params after removal | MACs ratio | ONNX bytes (dense -> compact) | b1 / b64 speed-up | widths rounded to 8: MACs ratio, b1 / b64 speed-up |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(runs, key=lambda r: (r["arch"], r["method"], r["tag"])):
         s, d = r["selected"], r.get("deployment", {})
         lat = d.get("latency", {})
+        r8 = d.get("rounded_to_8")
+        rounded = "-" if r8 is None else (
+            f"{d['macs_dense'] / r8['macs_after_removal']:.1f}x, {r8['latency']['batch1']['speedup']:.2f}x / "
+            f"{r8['latency']['batch64']['speedup']:.2f}x"
+        )
         lines.append(
             f"| {r['arch']} | {r['method']} | {r['tag'] or '-'} | {100 * s['pruned_fraction']:.2f} % | {s['compression']:.1f}x | "
             f"{100 * s['test_error']:.2f} % | {r['wall_seconds'] / 60:.0f} min | "
             f"{d.get('params_after_removal', 0):,} | {d.get('macs_dense', 0) / max(d.get('macs_after_removal', 1), 1):.1f}x | "
             f"{d.get('onnx_bytes_dense', 0):,} -> {d.get('onnx_bytes_compact', 0):,} | "
-            f"{lat.get('batch1', {}).get('speedup', float('nan')):.2f}x / {lat.get('batch64', {}).get('speedup', float('nan')):.2f}x |"
+            f"{lat.get('batch1', {}).get('speedup', float('nan')):.2f}x / {lat.get('batch64', {}).get('speedup', float('nan')):.2f}x | {rounded} |"
         )
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
