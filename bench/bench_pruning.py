@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--max-error-increase", type=float, default=0.005)
     ap.add_argument("--min-width", type=int, default=1)
     ap.add_argument("--prune-inputs", action="store_true", help="serene: input features are units too")
-    ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity"])
+    ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity", "both"])
     ap.add_argument("--anneals", type=int, default=0, help="lr/lambda cuts by 10 when pruning stalls (0: stop instead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")

@@ -16,6 +16,7 @@ import click
 from exporters import report as reporting
 
 from .errors import CompressError
+from .methods import NEURON_CRITERIA
 from .train import LR_SCHEDULES, TrainConfig
 
 METHODS = ("lobster", "serene", "sensitivity", "magnitude", "none")
@@ -92,8 +93,9 @@ def cli() -> None:
               help="When pruning stalls, divide the learning rate and lambda by 10 up to this many times before "
                    "stopping. Default: 2 for serene, 0 for the others.")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
-@click.option("--neuron-criterion", type=click.Choice(["norm", "sensitivity"]), default="norm", show_default=True,
-              help="serene: prune the neurons with the smallest parameter norm, or the smallest sensitivity.")
+@click.option("--neuron-criterion", type=click.Choice(list(NEURON_CRITERIA)), default="norm", show_default=True,
+              help="serene: prune the neurons with the smallest parameter norm, the smallest sensitivity (favours "
+                   "conv channels, which cost the most MACs), or both: a search by each at every plateau.")
 @click.option("--keep-inputs", is_flag=True,
               help="serene: do not prune input features (by default, where the input goes straight into a Linear, "
                    "its features are units too and unused ones are skipped after physical removal).")

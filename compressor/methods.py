@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .structured import NeuronPruner, SeReNe, find_neurons
 from .thresholding import EntryPruner, PlateauDetector, Pruner, find_threshold
 
 UNSTRUCTURED = ("lobster", "sensitivity", "magnitude")
+NEURON_CRITERIA = ("norm", "sensitivity", "both")
 STRUCTURED = ("serene",)
 METHODS = UNSTRUCTURED + STRUCTURED
 
@@ -49,7 +50,9 @@ class PruningConfig:
     anneals: int = 0
     anneal_after: int = 2
     min_width: int = 1                # serene: neurons every layer keeps
-    neuron_criterion: str = "norm"    # serene: rank neurons by parameter RMS ("norm") or "sensitivity"
+    # serene: rank neurons by parameter norm ("norm"), by "sensitivity", or "both": at each
+    # plateau a search by sensitivity, then one by norm, under the same bounds
+    neuron_criterion: str = "norm"
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
 
     def validate(self) -> None:
@@ -69,8 +72,8 @@ class PruningConfig:
             raise CompressError(f"--anneals must be >= 0, got {self.anneals}")
         if self.anneal_after < 1:
             raise CompressError(f"--anneal-after must be >= 1, got {self.anneal_after}")
-        if self.neuron_criterion not in ("norm", "sensitivity"):
-            raise CompressError(f"--neuron-criterion must be norm or sensitivity, got {self.neuron_criterion!r}")
+        if self.neuron_criterion not in NEURON_CRITERIA:
+            raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
 
 class ThresholdPruning:
@@ -112,8 +115,7 @@ class ThresholdPruning:
             device = next(model.parameters()).device
             neurons = find_neurons(model, self.example_input.to(device), inputs=self.config.prune_inputs)
             self.regularizer = SeReNe(model, neurons, self.config.lmbda, self.masks, exact=self.config.exact)
-            by_sensitivity = self.regularizer if self.config.neuron_criterion == "sensitivity" else None
-            self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width, sensitivity=by_sensitivity)
+            self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width)
             return
         if self.name == "lobster":
             self.regularizer = LOBSTER(named, self.config.lmbda, self.masks)
@@ -167,27 +169,43 @@ class ThresholdPruning:
             # does not compound from prune to prune the way a loss bound alone does.
             self.reference_error = ref_err
             self.allowance = allowed_error_increase(self.config.max_error_increase, len(trainer.data.val))
-        search = find_threshold(
-            self.pruner,
-            lambda: trainer.evaluate(trainer.data.val),
-            max_loss=(1 + self.config.twt) * ref_loss,
-            max_error=self.error_cap(),
-        )
+        pruned, threshold = 0, 0.0
+        for ranking in self._rankings():
+            search = find_threshold(
+                self.pruner,
+                lambda: trainer.evaluate(trainer.data.val),
+                max_loss=(1 + self.config.twt) * ref_loss,
+                max_error=self.error_cap(),
+            )
+            pruned += search.pruned
+            threshold = search.threshold if search.pruned else threshold
         self.detector.reset()
         self.prunes += 1
-        self.stalled = 0 if search.pruned else self.stalled + 1
+        self.stalled = 0 if pruned else self.stalled + 1
         annealed = self._maybe_anneal()
         test_loss, test_err = trainer.evaluate(trainer.data.test)
         return {
             "annealed": annealed,
-            "threshold": search.threshold,
-            "pruned_now": search.pruned,
+            "threshold": threshold,
+            "pruned_now": pruned,
             "val_loss": search.val_loss,
             "val_error": search.val_error,
             "test_loss": test_loss,
             "test_error": test_err,
             "restart_lr_plateau": True,
         }
+
+    def _rankings(self) -> Iterator[str]:
+        """Point the neuron pruner at each ranking this plateau searches in turn (entry pruners
+        have one). Both searches of "both" are bounded by the same reference loss and error, so
+        together they degrade the model no more than one search would."""
+        if not isinstance(self.pruner, NeuronPruner):
+            yield "magnitude"
+            return
+        criteria = ("sensitivity", "norm") if self.config.neuron_criterion == "both" else (self.config.neuron_criterion,)
+        for criterion in criteria:
+            self.pruner.by_sensitivity = self.regularizer if criterion == "sensitivity" else None
+            yield criterion
 
     def _maybe_anneal(self) -> bool:
         """Divide the learning rate and lambda by 10 once pruning has stalled long enough."""

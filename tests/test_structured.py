@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from compressor.masks import Masks, prunable_parameters
+from compressor import methods
+from compressor.errors import CompressError
 from compressor.methods import PruningConfig, make
 from compressor.structured import AVERAGE_DECAY, NeuronPruner, NeuronSensitivity, SeReNe, find_neurons
 from compressor.train import Trainer, TrainConfig
@@ -219,19 +221,49 @@ def test_min_width_keeps_every_layer_alive(synthetic) -> None:
     assert pruner.remaining_per_layer() == {"fc1": 3, "fc2": 3}
 
 
-def test_serene_plugin_prunes_whole_neurons(synthetic) -> None:
+@pytest.mark.parametrize("criterion", ["norm", "sensitivity", "both"])
+def test_serene_plugin_prunes_whole_neurons(synthetic, criterion: str) -> None:
     data = synthetic(n=96)
     torch.manual_seed(0)
     import models
 
     model = models.build("lenet300", data.input_shape, data.num_classes)
-    plugin = make("serene", PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2), data.train.x[:2])
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion=criterion)
+    plugin = make("serene", config, data.train.x[:2])
     Trainer(model, data, TrainConfig(epochs=20, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
     remaining = plugin.pruner.remaining_per_layer()
     assert remaining["fc1"] + remaining["fc2"] < 400
     # a pruned neuron is entirely zero: its weight row and bias
     dead = (model.fc1.weight == 0).all(1)
     assert torch.all(model.fc1.bias[dead] == 0) and int(dead.sum()) == 300 - remaining["fc1"]
+
+
+def test_both_criteria_search_by_sensitivity_then_by_norm_within_the_same_bounds(synthetic, monkeypatch) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    import models
+
+    calls = []
+    real = methods.find_threshold
+
+    def spy(pruner, evaluate, *, max_loss, max_error):
+        calls.append((pruner.by_sensitivity is not None, max_loss, max_error))
+        return real(pruner, evaluate, max_loss=max_loss, max_error=max_error)
+
+    monkeypatch.setattr(methods, "find_threshold", spy)
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion="both")
+    plugin = make("serene", config, data.train.x[:2])
+    Trainer(model, data, TrainConfig(epochs=6, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
+    assert len(calls) >= 2 and len(calls) % 2 == 0
+    assert [by_sensitivity for by_sensitivity, _, _ in calls] == [True, False] * (len(calls) // 2)
+    for first, second in zip(calls[::2], calls[1::2]):
+        assert first[1:] == second[1:]  # one plateau: both searches bounded by the same loss and error
+
+
+def test_unknown_neuron_criterion_is_a_clear_error() -> None:
+    with pytest.raises(CompressError, match="--neuron-criterion must be one of norm, sensitivity, both"):
+        PruningConfig(neuron_criterion="rms").validate()
 
 
 # -- input features as units ---------------------------------------------------------------------
