@@ -53,6 +53,8 @@ class PruningConfig:
     # serene: rank neurons by parameter norm ("norm"), by "sensitivity", or "both": at each
     # plateau a search by sensitivity, then one by norm, under the same bounds
     neuron_criterion: str = "norm"
+    # serene: divide sensitivities by the largest live one of their layer before shrinking
+    rescale_sensitivity: bool = False
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
 
     def validate(self) -> None:
@@ -114,8 +116,10 @@ class ThresholdPruning:
                 raise CompressError("serene needs an example input to find the model's neurons")
             device = next(model.parameters()).device
             neurons = find_neurons(model, self.example_input.to(device), inputs=self.config.prune_inputs)
-            self.regularizer = SeReNe(model, neurons, self.config.lmbda, self.masks, exact=self.config.exact)
+            self.regularizer = SeReNe(model, neurons, self.config.lmbda, self.masks, exact=self.config.exact,
+                                      rescale=self.config.rescale_sensitivity)
             self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width)
+            self.regularizer.alive = self.pruner.alive
             return
         if self.name == "lobster":
             self.regularizer = LOBSTER(named, self.config.lmbda, self.masks)
@@ -260,6 +264,7 @@ class ThresholdPruning:
             self.regularizer.load_state_dict(state["regularizer"])
         if isinstance(self.pruner, NeuronPruner) and state.get("alive_neurons") is not None:
             self.pruner.alive = state["alive_neurons"].clone()
+            self.regularizer.alive = self.pruner.alive
 
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)

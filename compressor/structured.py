@@ -198,12 +198,25 @@ class SeReNe:
     Every parameter row owned by neuron n (weight row or filter, bias, the following
     BatchNorm's scale and shift) is shrunk together:
     ``theta_n <- theta_n - lmbda * theta_n * max(0, 1 - S_n)``.
+
+    With ``rescale``, S_n is first divided by the largest sensitivity among the live neurons of
+    its layer. The paper's S is tiny for every neuron (far below 1), so unscaled, every neuron
+    shrinks at nearly the full rate and the regularizer acts like weight decay; rescaled, a
+    layer's most sensitive neuron is not shrunk at all and the others in proportion to how
+    much less they matter. ``alive`` (set by the pruner) keeps pruned neurons, whose downstream
+    weights still carry a gradient, out of the maximum.
     """
 
-    def __init__(self, model: nn.Module, neurons: Neurons, lmbda: float, masks: Masks | None = None, *, exact: bool = False) -> None:
+    def __init__(self, model: nn.Module, neurons: Neurons, lmbda: float, masks: Masks | None = None, *,
+                 exact: bool = False, rescale: bool = False) -> None:
         self.neurons = neurons
         self.lmbda = lmbda
         self.masks = masks
+        self.rescale = rescale
+        self.alive: torch.Tensor | None = None
+        names = sorted({layer[0] for layer in neurons.layers if layer})
+        self._layer = torch.tensor([names.index(layer[0]) if layer else 0 for layer in neurons.layers], dtype=torch.long)
+        self._layers = max(len(names), 1)
         self.sensitivity = NeuronSensitivity(model, neurons, exact=exact)
         self.last: torch.Tensor | None = None
         # Running mean over recent batches (about the last 100): one batch's sensitivity is too
@@ -227,7 +240,8 @@ class SeReNe:
     @torch.no_grad()
     def step(self) -> None:
         if self.last is not None:
-            insensitivity = (1.0 - self.last).clamp_(min=0.0)
+            sens = self._rescaled(self.last) if self.rescale else self.last
+            insensitivity = (1.0 - sens).clamp_(min=0.0)
             for _, p, owner in self.neurons.rows:
                 owner = owner.to(p.device)
                 factor = torch.where(owner >= 0, 1.0 - self.lmbda * insensitivity[owner.clamp(min=0)], 1.0)
@@ -236,6 +250,13 @@ class SeReNe:
                 p.mul_(1.0 - self.lmbda * insensitivity[owner.to(p.device)])
         if self.masks is not None:
             self.masks.apply()
+
+    def _rescaled(self, sens: torch.Tensor) -> torch.Tensor:
+        """``sens`` divided by the largest live sensitivity of each neuron's layer."""
+        layer = self._layer.to(sens.device)
+        live = sens if self.alive is None else torch.where(self.alive.to(sens.device), sens, torch.zeros_like(sens))
+        largest = torch.zeros(self._layers, device=sens.device, dtype=sens.dtype).scatter_reduce_(0, layer, live, reduce="amax")
+        return sens / largest[layer].clamp_min(torch.finfo(sens.dtype).tiny)
 
     def state_dict(self) -> dict:
         return {"lmbda": self.lmbda}

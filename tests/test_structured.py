@@ -346,3 +346,44 @@ def test_pruned_input_units_zero_their_columns_and_shrink_skips_them(synthetic) 
     assert result.model.fc1.weight.shape == (298, features - 3)
     with torch.no_grad():
         torch.testing.assert_close(result.model(data.test.x[:8]), model(data.test.x[:8]), rtol=1e-4, atol=1e-5)
+
+
+def test_rescaled_sensitivity_spares_each_layers_most_sensitive_live_neuron() -> None:
+    torch.manual_seed(0)
+    model = SmallTwoLayer()
+    neurons = find_neurons(model, torch.randn(2, 4))
+    reg = SeReNe(model, neurons, lmbda=0.5, rescale=True)
+    reg.observe(model(torch.randn(8, 4)))
+    sens = reg.last.clone()
+    layers = neurons.layer_of_each()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    reg.step()
+    for name in ("fc1", "fc2"):
+        idx = layers[name]
+        top = int(idx[sens[idx].argmax()])
+        rows = dict(model.named_parameters())[f"{name}.weight"]
+        local = top - int(idx[0])
+        torch.testing.assert_close(rows[local], before[f"{name}.weight"][local])  # factor exactly 1
+        expected = 1 - 0.5 * (1 - sens[idx] / sens[idx].max())
+        torch.testing.assert_close(rows.detach(), before[f"{name}.weight"] * expected[:, None])
+    # a pruned neuron that still looks sensitive does not set its layer's scale
+    idx = layers["fc1"]
+    top = int(idx[sens[idx].argmax()])
+    reg.alive = torch.ones(neurons.count, dtype=torch.bool)
+    reg.alive[top] = False
+    scaled = reg._rescaled(sens)
+    rest = idx[idx != top]
+    assert scaled[rest].max() == 1.0 and scaled[top] > 1.0
+
+
+class SmallTwoLayer(nn.Module):
+    """Two hidden Linear layers of different widths (the logits are not units)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
