@@ -68,6 +68,8 @@ class PruningConfig:
             raise CompressError(f"--max-error-increase must be >= 0, got {self.max_error_increase}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
             raise CompressError(f"--target-sparsity must be in (0, 1), got {self.target_sparsity}")
+        if self.stall_limit < 1:
+            raise CompressError(f"--stall-limit must be >= 1, got {self.stall_limit}")
         if self.min_width < 1:
             raise CompressError(f"--min-width must be >= 1, got {self.min_width}")
         if self.anneals < 0:

@@ -124,6 +124,28 @@ def test_stalled_pruning_anneals_lr_and_lambda_before_stopping(method: str, synt
     assert "pruned nothing" in result.stopped_because and trainer.epoch < 60
 
 
+@pytest.mark.parametrize("limit", [1, 3], ids=["stall-limit-1", "stall-limit-3"])
+def test_stall_limit_is_the_number_of_fruitless_plateaus_before_stopping(limit: int, synthetic, monkeypatch) -> None:
+    import compressor.methods as methods
+    from compressor.thresholding import ThresholdSearch
+
+    data = synthetic(n=96)
+    # Every threshold search comes back empty, as when the validation allowance is used up.
+    monkeypatch.setattr(methods, "find_threshold", lambda *a, **k: ThresholdSearch(0.0, 0, 1.0, 1.0, 1))
+    config = PruningConfig(pwe=1, lmbda=1e-3, stall_limit=limit)
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=60, lr=0.05, batch_size=16), plugin=make("lobster", config),
+                      progress=False, log=lambda s: None)
+    result = trainer.fit()
+    plateaus = [h for h in trainer.history if h.get("threshold") is not None]
+    assert len(plateaus) == limit and all(h["pruned_now"] == 0 for h in plateaus)
+    assert f"{limit} plateaus in a row pruned nothing" in result.stopped_because
+
+
+def test_stall_limit_below_one_is_refused() -> None:
+    with pytest.raises(CompressError, match="--stall-limit must be >= 1"):
+        PruningConfig(stall_limit=0).validate()
+
+
 def test_progress_line_shows_sparsity_threshold_and_widths() -> None:
     from compressor.train import format_epoch
 
