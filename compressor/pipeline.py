@@ -92,7 +92,7 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
         result = trainer.fit()
         trainer.model.load_state_dict(result.best_state)
         log(f"kept the epoch-{result.best_epoch} model: validation error {100 * result.best_val_error:.2f} %, "
-            f"sparsity {100 * model_sparsity(trainer.model):.2f} %")
+            f"sparsity {100 * model_sparsity(trainer.model):.2f} % (stopped: {result.stopped_because})")
     if plugin is not None:
         plugin.detach()
     model = trainer.model.cpu().eval()
@@ -119,6 +119,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
                        pruned_model=pruned_model, removal=removal, baseline=baseline, log=log)
     json_path, md_path, html_path = reporting.write(rep, job.report_path())
     log(f"wrote {job.out} ({exported['file_bytes']:,} bytes), {json_path}, {md_path}, {html_path}")
+    if warning := reporting.pruning_warning(rep):
+        log(f"warning: {warning}")
     return rep
 
 

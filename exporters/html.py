@@ -167,6 +167,8 @@ def render_html(r: dict[str, Any]) -> str:
         parts.append("<h2>Training</h2>")
         parts.append(f"<p>{t['epochs']} epochs, {t['wall_seconds']:.1f} s, kept epoch {t['best_epoch']} "
                      f"({html.escape(str(t['stopped_because']))}).</p>")
+        if warning := reporting.pruning_warning(r):
+            parts.append(f"<p><strong>Warning:</strong> {html.escape(warning)}</p>")
         fig, cap = training_figure(history)
         parts.append(_figure("fig-training", fig, cap))
         parts.append(_table(reporting.HISTORY_HEADER, reporting.history_rows(r)))

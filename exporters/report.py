@@ -620,6 +620,28 @@ def history_rows(r: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def pruning_warning(r: dict[str, Any]) -> str | None:
+    """Why a pruning run kept a model with nothing pruned, and what to change; None otherwise.
+    Read from the report alone, so that old reports render it too."""
+    t = r.get("training") or {}
+    history = t.get("history") or []
+    if r["method"]["name"] == "none" or not history:
+        return None
+    best = t.get("best_epoch") or 0
+    if best and (history[best - 1].get("sparsity") or 0.0) > 0:
+        return None
+    plateaus = [h for h in history if h.get("threshold") is not None]
+    if not plateaus:
+        pwe = (r["method"].get("settings") or {}).get("pwe")
+        return (f"no validation plateau was reached (no {pwe} epochs without a 1 % improvement), so nothing was "
+                "pruned: give more --epochs, a smaller --pwe, or start from a trained checkpoint")
+    if not any(h.get("pruned_now") for h in plateaus):
+        return (f"none of the {len(plateaus)} threshold searches could prune within the tolerance: "
+                "raise --twt or --max-error-increase")
+    return ("every pruned model exceeded the validation error allowance, so an unpruned one was kept: "
+            "raise --max-error-increase")
+
+
 HISTORY_HEADER = ["epoch", "val error", "test error", "sparsity", "threshold", "lr"]
 LAYER_HEADER = ["layer", "type", "shape before", "shape after", "params before", "non-zero", "remaining",
                 "format", "stored bytes", "dense bytes before", "vs dense"]
@@ -670,6 +692,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         t = r["training"]
         lines += ["## Training", "",
                   f"{t['epochs']} epochs, {t['wall_seconds']:.1f} s, kept epoch {t['best_epoch']} ({t['stopped_because']}).", "",
+                  *([f"**Warning:** {warning}", ""] if (warning := pruning_warning(r)) else []),
                   *_md_table(HISTORY_HEADER, hist), ""]
     timings = r.get("timings") or {}
     lines += ["## Wall time per stage", "",

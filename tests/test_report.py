@@ -555,3 +555,38 @@ def test_round_channels_reaches_physical_removal(runs: dict, run_cli, tmp_path: 
     fc1 = next(x for x in removal["layers"] if x["name"] == "fc1")
     exact = 300 - DEAD
     assert fc1["after"][0] == min(300, -(-exact // 32) * 32) != exact
+
+
+def _epochs(*plateaus: tuple[float, int | None]) -> list[dict]:
+    """One history row per (sparsity, pruned_now); pruned_now None: not a plateau epoch."""
+    return [{"epoch": i + 1, "sparsity": sp, **({} if n is None else {"threshold": 0.01 if n else 0.0, "pruned_now": n})}
+            for i, (sp, n) in enumerate(plateaus)]
+
+
+@pytest.mark.parametrize(
+    "method, history, best_epoch, expected",
+    [
+        ("lobster", _epochs((0.0, None), (0.0, None)), 2, "no validation plateau was reached (no 5 epochs"),
+        ("lobster", _epochs((0.0, None), (0.0, 0), (0.0, 0)), 3, "none of the 2 threshold searches could prune"),
+        ("serene", _epochs((0.0, None), (0.4, 9), (0.4, None)), 1, "exceeded the validation error allowance"),
+        ("lobster", _epochs((0.0, None), (0.4, 9), (0.4, None)), 3, None),
+        ("none", _epochs((0.0, None)), 1, None),
+    ],
+    ids=["no-plateau", "searches-refused", "all-over-allowance", "pruned", "no-method"],
+)
+def test_a_run_that_pruned_nothing_says_why_and_what_to_change(method: str, history: list, best_epoch: int,
+                                                               expected: str | None) -> None:
+    report = {"method": {"name": method, "settings": {"pwe": 5}},
+              "training": {"history": history, "best_epoch": best_epoch}}
+    warning = reporting.pruning_warning(report)
+    assert warning == expected if expected is None else expected in warning
+
+
+def test_the_nothing_pruned_warning_reaches_the_user(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    res = run_cli("lenet300", "--method", "lobster", "--data", "digits", "--epochs", "2", "--out", str(out), "-q")
+    assert res.code == 0, res
+    assert "warning: no validation plateau was reached" in res.err
+    md = out.with_suffix(".report.md").read_text()
+    html_text = out.with_suffix(".report.html").read_text()
+    assert "**Warning:** no validation plateau" in md and "<strong>Warning:</strong> no validation plateau" in html_text
