@@ -460,7 +460,7 @@ class _SlicedEll:
     """Sliced ELL layout of ``w`` [out, in]: rows sorted by their number of non-zeros, cut into
     slices of ``_SLICE_ROWS`` rows, each slice padded only to its own longest row."""
 
-    slices: list[tuple[np.ndarray, np.ndarray]]  # per slice: column indices [rows*width], values [rows, 1, width]
+    slices: list[tuple[np.ndarray, np.ndarray]]  # per slice: column indices [rows, width], values [rows, 1, width]
     inverse: np.ndarray | None  # sorted position of each original row; None when already in order
 
 
@@ -480,7 +480,7 @@ def _sliced_ell(w: np.ndarray) -> _SlicedEll:
         vals = np.zeros((rows.size, width), w.dtype)
         idx[r, slot] = cols
         vals[r, slot] = block[r, cols]
-        slices.append((idx.reshape(-1), vals.reshape(rows.size, 1, width)))
+        slices.append((idx, vals.reshape(rows.size, 1, width)))
     identity = bool(np.all(order == np.arange(order.size)))
     return _SlicedEll(slices, None if identity else np.argsort(order).astype(np.int64))
 
@@ -504,7 +504,7 @@ def _sparse_matmul(
 ) -> None:
     """y[r, o] = sum_k x[r, idx[o, k]] * vals[o, k] for a 2-D ``x`` [rows, in], as standard ops.
 
-    ``slices`` holds, per slice of (sorted) output rows, the names of its [rows*width] int32 index
+    ``slices`` holds, per slice of (sorted) output rows, the names of its [rows, width] int32 index
     and [rows, 1, width] value initializers, its row count and width; ``inverse`` the Gather
     indices that put the sorted rows back in order.
     """
@@ -519,8 +519,9 @@ def _sparse_matmul(
     axes = b.init("sum_axes", np.array([2, 3], np.int64))
     parts = []
     for i, (idx, vals, n, width) in enumerate(slices):
-        shape = t.op("Concat", [rows, b.init(f"s{i}_flat_len", np.array([n * width], np.int64))], f"s{i}_idx_shape", axis=0)
-        ie = t.op("Expand", [idx, shape], f"s{i}_idx_rows")
+        shape = t.op("Concat", [rows, b.init(f"s{i}_idx_dims", np.array([n, width], np.int64))], f"s{i}_idx_shape", axis=0)
+        ie = t.op("Expand", [idx, shape], f"s{i}_idx_rows")  # [rows, n, width]
+        ie = t.op("Reshape", [ie, b.init(f"s{i}_flat_shape", np.array([0, n * width], np.int64))], f"s{i}_idx_flat")
         g = t.op("GatherElements", [x, ie], f"s{i}_picked", axis=1)
         g = t.op("Reshape", [g, b.init(f"s{i}_picked_shape", np.array([-1, n, 1, width], np.int64))], f"s{i}_picked4")
         prod = t.op("Mul", [g, vals], f"s{i}_prod")  # [rows, n, 1, width]
@@ -537,13 +538,12 @@ def _sparse_matmul(
     xt = e.op("Transpose", [x], "xt", perm=[1, 0])
     parts = []
     for i, (idx, vals, n, width) in enumerate(slices):
-        g = e.op("Gather", [xt, idx], f"s{i}_picked", axis=0)  # [n*width, rows]
-        g = e.op("Reshape", [g, b.init(f"s{i}_picked_t_shape", np.array([n, width, -1], np.int64))], f"s{i}_picked3")
-        prod = e.op("MatMul", [vals, g], f"s{i}_dot")  # [n, 1, rows]
-        parts.append(e.op("Reshape", [prod, b.init(f"s{i}_dot_shape", np.array([n, -1], np.int64))], f"s{i}_dot2"))
+        g = e.op("Gather", [xt, idx], f"s{i}_picked", axis=0)  # [n, width, rows]
+        parts.append(e.op("MatMul", [vals, g], f"s{i}_dot"))  # [n, 1, rows]
     y_many = e.op("Concat", parts, "dot_sorted", axis=0) if len(parts) > 1 else parts[0]
     if inverse is not None:
         y_many = e.op("Gather", [y_many, inverse], "dot", axis=0)
+    y_many = e.op("Squeeze", [y_many, b.init("unit_axis", np.array([1], np.int64))], "dot2")  # [out, rows]
     y_many = e.op("Transpose", [y_many], "y", perm=[1, 0])
 
     def branch(bld: _Builder, y: str, label: str) -> onnx.GraphProto:

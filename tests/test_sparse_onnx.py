@@ -382,7 +382,7 @@ def test_sliced_ell_layout_rebuilds_the_weight_with_less_padding() -> None:
 def _ell_rows_dense(idx: np.ndarray, vals: np.ndarray, n_in: int) -> np.ndarray:
     n, _, width = vals.shape
     dense = np.zeros((n, n_in), vals.dtype)
-    np.add.at(dense, (np.repeat(np.arange(n), width), idx), vals.reshape(-1))
+    np.add.at(dense, (np.repeat(np.arange(n), width), idx.reshape(-1)), vals.reshape(-1))
     return dense
 
 
