@@ -1,4 +1,8 @@
-"""The end-to-end job behind ``compress MODEL``: load -> train/prune -> export -> measure -> report."""
+"""The end-to-end job behind ``compress MODEL``: load -> train/prune -> export -> measure -> report.
+
+Launched by ``torchrun``, every rank loads and trains (see :mod:`compressor.train`); rank 0 alone
+writes the checkpoint, exports, measures and reports.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 
 from exporters import onnx_export, report as reporting, sparse_onnx
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .atomic import check_writable
 from .data import Dataset, describe, load_dataset
 from .errors import CompressError
@@ -58,15 +62,25 @@ class Job:
         return self.workdir or self.out.with_name(self.out.stem + ".work")
 
 
-def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job; returns the report that was written next to ``job.out``."""
+def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Run the whole job; returns the report that was written next to ``job.out`` (None on the
+    ranks other than 0 of a torchrun job, which only train)."""
+    joined = distributed.init_from_env()
+    try:
+        return _run(job, log if distributed.is_main() else (lambda msg: None))
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _run(job: Job, log: Callable[[str], None]) -> dict[str, Any] | None:
     timings: dict[str, float] = {}
     job.train.validate()
     job.pruning.validate()
     if job.out.suffix.lower() != ".onnx":
         raise CompressError(f"--out must end in .onnx, got {job.out}")
     for target in (job.out, job.report_path(), job.save_checkpoint):
-        if target is not None:
+        if target is not None and distributed.is_main():
             check_writable(target)  # fail now, not after an hour of training
 
     t0 = time.perf_counter()
@@ -95,6 +109,8 @@ def run(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"sparsity {100 * model_sparsity(trainer.model):.2f} % (stopped: {result.stopped_because})")
     if plugin is not None:
         plugin.detach()
+    if not distributed.is_main():
+        return None  # rank 0 has the same model and does the rest
     model = trainer.model.cpu().eval()
     timings["train_s"] = time.perf_counter() - t0
 

@@ -2,7 +2,11 @@
 
 Pruning methods plug in through :class:`TrainingPlugin` (a regularizer ``step()`` after every
 optimizer step, and an end-of-epoch decision such as pruning at a plateau); plain training
-uses no plugin. Everything that decides (checkpoints, thresholds) happens in one process.
+uses no plugin.
+
+Under ``torchrun`` every rank trains on its share of each batch inside DistributedDataParallel;
+rank 0 alone evaluates, decides (plateaus, thresholds, selection, stopping) and writes the
+checkpoints, then sends its whole training state to the other ranks.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import Dataset, Split
 from .errors import CompressError
 
@@ -140,6 +145,9 @@ class Trainer:
     Writes ``workdir/last.pt`` (full state, for ``resume``) atomically after every epoch and
     ``workdir/best.pt`` whenever the selection rule (lowest validation error, ties broken by
     validation loss; a plugin can veto) finds a better model.
+
+    Inside a torch.distributed job (``torchrun``) the model trains under DistributedDataParallel,
+    each rank on its slice of every global batch of ``batch_size``; see the module docstring.
     """
 
     def __init__(
@@ -158,10 +166,14 @@ class Trainer:
         self.data = data
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        # DDP averages the gradients across ranks; building it also copies rank 0's weights to all.
+        self.net: nn.Module = self._distributed(self.model) if self.world > 1 else self.model
         self.workdir = Path(workdir) if workdir is not None else None
         self.plugin = plugin
-        self.progress = progress
-        self.log = log or (lambda msg: tqdm.write(msg))
+        self.progress = progress and self.is_main
+        self.log = (log or (lambda msg: tqdm.write(msg))) if self.is_main else (lambda msg: None)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=config.lr,
@@ -180,6 +192,10 @@ class Trainer:
             plugin.attach(self.model, self.optimizer)
 
     # -- setup -------------------------------------------------------------------------
+    def _distributed(self, model: nn.Module) -> nn.Module:
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
     def _make_scheduler(self) -> Any:
         if self.config.lr_schedule == "plateau":
             # threshold=0 as in the papers' code: any improvement counts.
@@ -235,14 +251,39 @@ class Trainer:
         if self.workdir is None:
             raise CompressError("--resume needs a --workdir that holds last.pt")
         path = self.workdir / "last.pt"
-        if not path.exists():
+        state, error = None, None
+        if self.is_main and path.exists():  # rank 0 reads; the others get the state from it
+            try:
+                state = checkpoint.load_safely(path)
+            except CompressError as exc:
+                if self.world == 1:
+                    raise
+                error = str(exc)
+        state, error = distributed.broadcast_object((state, error))
+        if error is not None:
+            raise CompressError(error)
+        if state is None:
             return False
-        self.load_state_dict(checkpoint.load_safely(path))
+        self.load_state_dict(state)
         self.log(f"resumed from {path} at epoch {self.epoch}")
         return True
 
+    def _follow_main(self, reason: str | None = None, failure: Exception | None = None) -> str | None:
+        """Distributed: give every rank rank 0's training state and stop decision (or its error)."""
+        if self.world == 1:
+            return reason
+        payload = (None if failure else self.state_dict(), reason, failure and str(failure)) if self.is_main else None
+        state, reason, error = distributed.broadcast_object(payload)
+        if error is not None:
+            if failure is not None:
+                raise failure
+            raise CompressError(f"rank 0 stopped: {error}")
+        if not self.is_main:
+            self.load_state_dict(state)
+        return reason
+
     def _save(self) -> None:
-        if self.workdir is None:
+        if self.workdir is None or not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         checkpoint.save(self.state_dict(), self.workdir / "last.pt")
@@ -262,12 +303,19 @@ class Trainer:
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress, unit="batch")
         for batch_index, start in enumerate(bar):
             idx = order[start : start + cfg.batch_size]
+            if self.world > 1:
+                if len(idx) < self.world:
+                    continue  # a tail batch too small to give every rank a sample: skipped on all ranks
+                idx = idx[self.rank :: self.world]
             x = train.x[idx].to(self.device, non_blocking=True)
             y = train.y[idx].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            output = self.model(x)
+            output = self.net(x)
             loss = nn.functional.cross_entropy(output, y)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if self.world > 1:
+                finite = distributed.all_ranks(finite, self.device)  # every rank stops, none hangs
+            if not finite:
                 where = f"epoch {self.epoch + 1}, batch {batch_index + 1}"
                 kept = f"; the last good state is in {self.workdir / 'last.pt'}" if self.workdir else ""
                 raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at {where}{kept}; lower --lr and retry")
@@ -282,6 +330,8 @@ class Trainer:
             seen += len(idx)
             if batch_index % 20 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if self.world > 1:
+            total_loss, correct, seen = distributed.sum_across_ranks([total_loss, correct, seen], self.device)
         return total_loss / max(seen, 1), 1.0 - correct / max(seen, 1)
 
     def _selection_key(self, metrics: dict[str, Any]) -> tuple[float, ...] | None:
@@ -295,51 +345,25 @@ class Trainer:
         started = time.perf_counter()
         stopped = "epoch budget reached"
         if self.epoch == 0 and not self.history:
-            val_loss, val_err = self.evaluate(self.data.val)
-            self.initial_val_error = val_err
-            self.best_key = self._selection_key({"val_loss": val_loss, "val_error": val_err, "sparsity": 0.0})
-            self.best_epoch, self.best_state = 0, _copy_state(self.model)
+            if self.is_main:
+                val_loss, val_err = self.evaluate(self.data.val)
+                self.initial_val_error = val_err
+                self.best_key = self._selection_key({"val_loss": val_loss, "val_error": val_err, "sparsity": 0.0})
+                self.best_epoch, self.best_state = 0, _copy_state(self.model)
+            self._follow_main()
         while self.epoch < cfg.epochs:
             epoch_start = time.perf_counter()
             train_loss, train_err = self._train_one_epoch()
             self.epoch += 1
-            val_loss, val_err = self.evaluate(self.data.val)
-            test_loss, test_err = self.evaluate(self.data.test)
-            metrics: dict[str, Any] = {
-                "epoch": self.epoch,
-                "train_loss": train_loss,
-                "train_error": train_err,
-                "val_loss": val_loss,
-                "val_error": val_err,
-                "test_loss": test_loss,
-                "test_error": test_err,
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-            extra = self.plugin.on_epoch_end(self, metrics) if self.plugin is not None else {}
-            restart_plateau = extra.pop("restart_lr_plateau", False)
-            metrics.update(extra)
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if restart_plateau:
-                    # The model just changed (pruned): judge later epochs against it.
-                    self.scheduler.best, self.scheduler.num_bad_epochs = metrics["val_loss"], 0
-                else:
-                    self.scheduler.step(metrics["val_loss"])
-            elif self.scheduler is not None:
-                self.scheduler.step()
-            metrics["seconds"] = time.perf_counter() - epoch_start
-            key = self._selection_key(metrics)
-            if key is not None and (self.best_key is None or key < tuple(self.best_key)):
-                self.best_key, self.best_epoch = key, self.epoch
-                self.best_state = _copy_state(self.model)
-                metrics["best"] = True
-            self.history.append(metrics)
-            self._save()
-            if self.workdir is not None and metrics.get("best"):
-                checkpoint.save({"state_dict": self.best_state, "epoch": self.epoch}, self.workdir / "best.pt")
-            self.log(format_epoch(metrics, cfg.epochs))
-            reason = self.plugin.should_stop() if self.plugin is not None else None
-            if reason is None and cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
-                reason = f"time budget of {cfg.max_seconds:.0f} s reached"
+            reason, failure = None, None
+            if self.is_main:
+                try:
+                    reason = self._end_epoch(train_loss, train_err, epoch_start, started)
+                except Exception as exc:  # noqa: BLE001 - re-raised by _follow_main, after telling the other ranks
+                    if self.world == 1:
+                        raise
+                    failure = exc
+            reason = self._follow_main(reason, failure)
             if reason:
                 stopped = reason
                 break
@@ -351,6 +375,48 @@ class Trainer:
             wall_seconds=time.perf_counter() - started,
             best_state=self.best_state,
         )
+
+    def _end_epoch(self, train_loss: float, train_err: float, epoch_start: float, started: float) -> str | None:
+        """Evaluate, let the plugin prune, select, checkpoint and log; returns a reason to stop."""
+        cfg = self.config
+        val_loss, val_err = self.evaluate(self.data.val)
+        test_loss, test_err = self.evaluate(self.data.test)
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "train_loss": train_loss,
+            "train_error": train_err,
+            "val_loss": val_loss,
+            "val_error": val_err,
+            "test_loss": test_loss,
+            "test_error": test_err,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        extra = self.plugin.on_epoch_end(self, metrics) if self.plugin is not None else {}
+        restart_plateau = extra.pop("restart_lr_plateau", False)
+        metrics.update(extra)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if restart_plateau:
+                # The model just changed (pruned): judge later epochs against it.
+                self.scheduler.best, self.scheduler.num_bad_epochs = metrics["val_loss"], 0
+            else:
+                self.scheduler.step(metrics["val_loss"])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        metrics["seconds"] = time.perf_counter() - epoch_start
+        key = self._selection_key(metrics)
+        if key is not None and (self.best_key is None or key < tuple(self.best_key)):
+            self.best_key, self.best_epoch = key, self.epoch
+            self.best_state = _copy_state(self.model)
+            metrics["best"] = True
+        self.history.append(metrics)
+        self._save()
+        if self.workdir is not None and metrics.get("best"):
+            checkpoint.save({"state_dict": self.best_state, "epoch": self.epoch}, self.workdir / "best.pt")
+        self.log(format_epoch(metrics, cfg.epochs))
+        reason = self.plugin.should_stop() if self.plugin is not None else None
+        if reason is None and cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
+            reason = f"time budget of {cfg.max_seconds:.0f} s reached"
+        return reason
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -633,8 +633,9 @@ def pruning_warning(r: dict[str, Any]) -> str | None:
     plateaus = [h for h in history if h.get("threshold") is not None]
     if not plateaus:
         pwe = (r["method"].get("settings") or {}).get("pwe")
-        return (f"no validation plateau was reached (no {pwe} epochs without a 1 % improvement), so nothing was "
-                "pruned: give more --epochs, a smaller --pwe, or start from a trained checkpoint")
+        return (f"no validation plateau was reached (the validation loss never went --pwe {pwe} epochs without "
+                "a 1 % improvement), so nothing was pruned: give more --epochs, a smaller --pwe, or start from a "
+                "trained checkpoint")
     if not any(h.get("pruned_now") for h in plateaus):
         return (f"none of the {len(plateaus)} threshold searches could prune within the tolerance: "
                 "raise --twt or --max-error-increase")

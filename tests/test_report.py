@@ -566,7 +566,7 @@ def _epochs(*plateaus: tuple[float, int | None]) -> list[dict]:
 @pytest.mark.parametrize(
     "method, history, best_epoch, expected",
     [
-        ("lobster", _epochs((0.0, None), (0.0, None)), 2, "no validation plateau was reached (no 5 epochs"),
+        ("lobster", _epochs((0.0, None), (0.0, None)), 2, "no validation plateau was reached (the validation loss never went --pwe 5 epochs"),
         ("lobster", _epochs((0.0, None), (0.0, 0), (0.0, 0)), 3, "none of the 2 threshold searches could prune"),
         ("serene", _epochs((0.0, None), (0.4, 9), (0.4, None)), 1, "exceeded the validation error allowance"),
         ("lobster", _epochs((0.0, None), (0.4, 9), (0.4, None)), 3, None),
