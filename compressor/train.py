@@ -272,7 +272,8 @@ class Trainer:
         """Distributed: give every rank rank 0's training state and stop decision (or its error)."""
         if self.world == 1:
             return reason
-        payload = (None if failure else self.state_dict(), reason, failure and str(failure)) if self.is_main else None
+        # On CPU: a CUDA tensor would be unpickled onto rank 0's GPU on every rank.
+        payload = (None if failure else _on_cpu(self.state_dict()), reason, failure and str(failure)) if self.is_main else None
         state, reason, error = distributed.broadcast_object(payload)
         if error is not None:
             if failure is not None:
@@ -417,6 +418,17 @@ class Trainer:
         if reason is None and cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
             reason = f"time budget of {cfg.max_seconds:.0f} s reached"
         return reason
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
