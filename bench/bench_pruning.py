@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity", "both"])
     ap.add_argument("--rescale-sensitivity", action="store_true", help="serene: sensitivity relative to the layer's largest")
     ap.add_argument("--anneals", type=int, default=0, help="lr/lambda cuts by 10 when pruning stalls (0: stop instead)")
+    ap.add_argument("--anneal-after", type=int, default=2, help="fruitless plateaus in a row before each anneal")
     ap.add_argument("--stall-limit", type=int, default=5, help="stop after this many plateaus in a row that prune nothing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs share the 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)
@@ -157,7 +158,7 @@ def main() -> None:
                             lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed,
                             device="cpu", max_seconds=60 * args.minutes)
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
-                              min_width=args.min_width, anneals=args.anneals, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
+                              min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
                               neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,8 @@ def cli() -> None:
 @click.option("--anneals", type=int, default=None,
               help="When pruning stalls, divide the learning rate and lambda by 10 up to this many times before "
                    "stopping. Default: 2 for serene, 0 for the others.")
+@click.option("--anneal-after", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --anneals: plateaus in a row that pruned nothing before each cut.")
 @click.option("--stall-limit", type=click.IntRange(min=1), default=5, show_default=True,
               help="Stop after this many plateaus in a row that pruned nothing (after any --anneals).")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
@@ -124,7 +126,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                anneals: int | None, stall_limit: int, min_width: int, neuron_criterion: str, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
+                anneals: int | None, anneal_after: int, stall_limit: int, min_width: int, neuron_criterion: str, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
@@ -134,7 +136,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
                             target_sparsity=target_sparsity, exact=exact_sensitivity,
                             anneals=recipe.get("anneals", 0) if anneals is None else anneals,
-                            stall_limit=stall_limit, min_width=min_width, neuron_criterion=neuron_criterion, rescale_sensitivity=rescale_sensitivity,
+                            anneal_after=anneal_after, stall_limit=stall_limit, min_width=min_width, neuron_criterion=neuron_criterion, rescale_sensitivity=rescale_sensitivity,
                             prune_inputs=not keep_inputs)
     config = TrainConfig(
         epochs=recipe["epochs"] if epochs is None else epochs,
