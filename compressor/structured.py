@@ -259,10 +259,12 @@ class SeReNe:
         return sens / largest[layer].clamp_min(torch.finfo(sens.dtype).tiny)
 
     def state_dict(self) -> dict:
-        return {"lmbda": self.lmbda}
+        return {"lmbda": self.lmbda, "average": None if self.average is None else self.average.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.lmbda = float(state["lmbda"])
+        average = state.get("average")
+        self.average = None if average is None else average.clone()
 
 
 class NeuronPruner:

@@ -22,24 +22,28 @@ def _mlp(data) -> nn.Module:
     return models.build("lenet300", data.input_shape, data.num_classes)
 
 
-@pytest.mark.parametrize("method", ["none", "lobster", "sensitivity", "magnitude"])
+@pytest.mark.parametrize("method", ["none", "lobster", "sensitivity", "magnitude", "serene", "serene-by-sensitivity"])
 def test_resume_continues_exactly(method: str, tmp_path: Path, synthetic) -> None:
     data = synthetic(n=96)
-    cfg = dict(lr=0.05, momentum=0.9, batch_size=16, seed=3)
-    prune = PruningConfig(pwe=1, lmbda=1e-3)
+    cfg = dict(lr=0.05, momentum=0.9, batch_size=16, seed=3, weight_decay=1e-3)
+    criterion = "sensitivity" if method.endswith("by-sensitivity") else "norm"
+    prune = PruningConfig(pwe=1, lmbda=1e-3, twt=0.5, max_error_increase=0.2, neuron_criterion=criterion)
+    plugin = lambda: make(method.removesuffix("-by-sensitivity"), prune, data.train.x[:2])  # noqa: E731
 
-    straight = Trainer(_mlp(data), data, TrainConfig(epochs=4, **cfg), workdir=tmp_path / "a", plugin=make(method, prune), progress=False, log=lambda s: None)
+    straight = Trainer(_mlp(data), data, TrainConfig(epochs=10, **cfg), workdir=tmp_path / "a", plugin=plugin(), progress=False, log=lambda s: None)
     straight.fit()
 
-    first = Trainer(_mlp(data), data, TrainConfig(epochs=2, **cfg), workdir=tmp_path / "b", plugin=make(method, prune), progress=False, log=lambda s: None)
+    first = Trainer(_mlp(data), data, TrainConfig(epochs=5, **cfg), workdir=tmp_path / "b", plugin=plugin(), progress=False, log=lambda s: None)
     first.fit()
-    resumed = Trainer(_mlp(data), data, TrainConfig(epochs=4, **cfg), workdir=tmp_path / "b", plugin=make(method, prune), progress=False, log=lambda s: None)
-    assert resumed.resume() and resumed.epoch == 2
+    resumed = Trainer(_mlp(data), data, TrainConfig(epochs=10, **cfg), workdir=tmp_path / "b", plugin=plugin(), progress=False, log=lambda s: None)
+    assert resumed.resume() and resumed.epoch == 5
     resumed.fit()
 
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert [h["val_loss"] for h in straight.history] == [h["val_loss"] for h in resumed.history]
+    if method != "none":  # the run pruned after the resume point, so the pruning state was restored too
+        assert any(h.get("pruned_now") for h in straight.history[5:])
 
 
 def test_checkpoints_are_written_every_epoch(tmp_path: Path, synthetic) -> None:
