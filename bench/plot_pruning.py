@@ -1,7 +1,8 @@
 """Table and plot of the pruning benchmark: test error vs fraction of weights remaining.
 
 Reads every ``bench/results/pruning/*.json`` written by ``bench_pruning.py`` and writes
-``bench/results/pruning/summary.md`` and ``bench/results/pruning/<arch>.png``. For each run,
+``bench/results/pruning/summary.md``, ``<arch>.png`` (lobster, sensitivity and magnitude under the
+same schedule and budget) and ``<arch>-all.png`` (every run). For each run,
 the curve has one point per compression level reached: the epoch with the best validation
 error at that level, at its test error (as the LOBSTER authors log it). The table row is the
 model the run selected on validation.
@@ -59,23 +60,36 @@ def main() -> None:
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     for arch in sorted({r["arch"] for r in runs}):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in runs:
-            if r["arch"] != arch:
-                continue
-            pts = curve(r["history"])
-            label = r["method"] + (f" ({r['tag']})" if r["tag"] else "")
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=label)
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("fraction of parameters remaining (log scale)")
-        ax.set_ylabel("test error (%)")
-        ax.set_title(f"{arch} on MNIST")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"{arch}.png", dpi=120)
-        plt.close(fig)
+        mine = [r for r in runs if r["arch"] == arch]
+        # The methods compared under the same conditions: <arch>.png; every run: <arch>-all.png.
+        same = [r for r in mine if r["method"] in COMPARED and r["tag"] == COMPARISON_TAG.get(arch, "")]
+        plot(same, arch, RESULTS / f"{arch}.png", "same schedule and time budget")
+        plot(mine, arch, RESULTS / f"{arch}-all.png", "every run")
+
+
+# The runs that compare the unstructured methods under one schedule and budget, per architecture.
+COMPARED = ("lobster", "sensitivity", "magnitude")
+COMPARISON_TAG = {"lenet300": "", "lenet5": "2h"}
+
+
+def plot(runs: list[dict], arch: str, path: Path, subtitle: str) -> None:
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in sorted(runs, key=lambda r: (r["method"], r["tag"])):
+        pts = curve(r["history"])
+        label = r["method"] + (f" ({r['tag']})" if r["tag"] else "")
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=label)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("fraction of parameters remaining (log scale)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{arch} on MNIST: {subtitle}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
