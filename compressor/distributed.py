@@ -61,6 +61,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every rank gets here; a no-op outside a job."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """``obj`` as rank ``src`` has it, on every rank (pickled; for states and decisions)."""
     if world_size() == 1:

@@ -85,7 +85,11 @@ def _run(job: Job, log: Callable[[str], None]) -> dict[str, Any] | None:
 
     t0 = time.perf_counter()
     torch.manual_seed(job.train.seed)  # before the model is built: a fresh zoo model's weights depend on it
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 downloads missing data first; the others then read its copy
     data = load_dataset(job.data, seed=job.train.seed, val_fraction=job.val_fraction)
+    if distributed.is_main():
+        distributed.barrier()
     loaded = load_model(job.model, data, allow_unsafe_pickle=job.allow_unsafe_pickle)
     timings["load_s"] = time.perf_counter() - t0
     # Read the dense baseline's report now: a wrong file fails before training, not after.
