@@ -57,6 +57,7 @@ def main() -> None:
             f"{d.get('onnx_bytes_dense', 0):,} -> {d.get('onnx_bytes_compact', 0):,} | "
             f"{lat.get('batch1', {}).get('speedup', float('nan')):.2f}x / {lat.get('batch64', {}).get('speedup', float('nan')):.2f}x | {rounded} |"
         )
+    lines += ["", *equal_epochs_table(runs)]
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     for arch in sorted({r["arch"] for r in runs}):
@@ -65,6 +66,30 @@ def main() -> None:
         same = [r for r in mine if r["method"] in COMPARED and r["tag"] == COMPARISON_TAG.get(arch, "")]
         plot(same, arch, RESULTS / f"{arch}.png", "same schedule and time budget")
         plot(mine, arch, RESULTS / f"{arch}-all.png", "every run")
+
+
+def selected_by(history: list[dict], epoch: int) -> dict | None:
+    """The model the run would have kept had it stopped after ``epoch``: its last new best."""
+    best = [h for h in history if h["epoch"] <= epoch and h.get("best")]
+    return best[-1] if best else None
+
+
+def equal_epochs_table(runs: list[dict]) -> list[str]:
+    """The compared methods, each stopped at the epoch count of the one that ran fewest epochs
+    (their time budgets bought different epoch counts on a shared machine)."""
+    lines = ["| arch | epochs (all methods) | method | pruned | compression | test error |", "|---|---:|---|---:|---:|---:|"]
+    for arch, tag in COMPARISON_TAG.items():
+        same = [r for r in runs if r["arch"] == arch and r["method"] in COMPARED and r["tag"] == tag]
+        if len(same) < 2:
+            continue
+        epochs = min(r["epochs_run"] for r in same)
+        for r in sorted(same, key=lambda r: r["method"]):
+            h = selected_by(r["history"], epochs)
+            if h is not None:
+                sp = h.get("sparsity", 0.0)
+                lines.append(f"| {arch} | {epochs} | {r['method']} | {100 * sp:.2f} % | {1 / max(1 - sp, 1e-12):.1f}x | "
+                             f"{100 * h['test_error']:.2f} % |")
+    return lines
 
 
 # The runs that compare the unstructured methods under one schedule and budget, per architecture.
