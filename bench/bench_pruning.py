@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run of the same name from its workdir for another --minutes (wall times add up)")
     ap.add_argument("--deploy-only", action="store_true",
                     help="recompute only the deployment metrics of a finished run, from its workdir's best.pt")
     args = ap.parse_args()
@@ -164,12 +166,19 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"
     plugin = make(args.method, prune_cfg, example_input=data.train.x[:2])
-    log = open(args.out_dir / f"{name}.log", "w", buffering=1)
+    log = open(args.out_dir / f"{name}.log", "a" if args.resume else "w", buffering=1)
     trainer = Trainer(model, data, train_cfg, workdir=args.out_dir / f"{name}.work", plugin=plugin, progress=False,
                       log=lambda s: print(s, file=log))
+    earlier_wall, command = 0.0, "python bench/bench_pruning.py " + " ".join(sys.argv[1:])
+    if args.resume:
+        if not trainer.resume():
+            sys.exit(f"--resume: nothing to resume in {args.out_dir / f'{name}.work'}")
+        if out.exists():
+            earlier = json.loads(out.read_text())
+            earlier_wall, command = earlier["wall_seconds"], earlier["command"] + " ; then " + command
     started = time.perf_counter()
     result = trainer.fit()
-    wall = time.perf_counter() - started
+    wall = earlier_wall + time.perf_counter() - started
     plugin.detach()
     model.load_state_dict(result.best_state)
     _, test_err = evaluate(model, data.test)
@@ -184,7 +193,7 @@ def main() -> None:
         "arch": args.arch,
         "method": args.method,
         "tag": args.tag,
-        "command": "python bench/bench_pruning.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "train_config": asdict(train_cfg),
         "pruning_config": asdict(prune_cfg),
         "init": str(args.init) if args.init else "scratch",
