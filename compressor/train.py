@@ -319,7 +319,8 @@ class Trainer:
             if not finite:
                 where = f"epoch {self.epoch + 1}, batch {batch_index + 1}"
                 kept = f"; the last good state is in {self.workdir / 'last.pt'}" if self.workdir else ""
-                raise TrainingDiverged(f"training diverged: the loss became {loss.item()} at {where}{kept}; lower --lr and retry")
+                value = f"the loss became {loss.item()}" if self.world == 1 else "the loss became non-finite on a rank"
+                raise TrainingDiverged(f"training diverged: {value} at {where}{kept}; lower --lr and retry")
             if self.plugin is not None:
                 self.plugin.after_forward(output)
             loss.backward()
