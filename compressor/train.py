@@ -313,10 +313,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             output = self.net(x)
             loss = nn.functional.cross_entropy(output, y)
-            finite = bool(torch.isfinite(loss))
-            if self.world > 1:
-                finite = distributed.all_ranks(finite, self.device)  # every rank stops, none hangs
-            if not finite:
+            # Agreed across ranks (a no-op alone), so every rank stops and none hangs.
+            if not distributed.all_ranks(bool(torch.isfinite(loss)), self.device):
                 where = f"epoch {self.epoch + 1}, batch {batch_index + 1}"
                 kept = f"; the last good state is in {self.workdir / 'last.pt'}" if self.workdir else ""
                 value = f"the loss became {loss.item()}" if self.world == 1 else "the loss became non-finite on a rank"
@@ -332,8 +330,7 @@ class Trainer:
             seen += len(idx)
             if batch_index % 20 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-        if self.world > 1:
-            total_loss, correct, seen = distributed.sum_across_ranks([total_loss, correct, seen], self.device)
+        total_loss, correct, seen = distributed.sum_across_ranks([total_loss, correct, seen], self.device)
         return total_loss / max(seen, 1), 1.0 - correct / max(seen, 1)
 
     def _selection_key(self, metrics: dict[str, Any]) -> tuple[float, ...] | None:
