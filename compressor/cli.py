@@ -100,6 +100,9 @@ def cli() -> None:
 @click.option("--neuron-criterion", type=click.Choice(list(NEURON_CRITERIA)), default="norm", show_default=True,
               help="serene: prune the neurons with the smallest parameter norm, the smallest sensitivity (favours "
                    "conv channels, which cost the most MACs), or both: a search by each at every plateau.")
+@click.option("--rank-per-mac", is_flag=True,
+              help="serene: rank neurons by criterion per multiply-accumulate their removal saves, so expensive conv "
+                   "channels go before cheap neurons of the same importance (for FLOPs and latency targets).")
 @click.option("--rescale-sensitivity", is_flag=True,
               help="serene: shrink by sensitivity relative to the most sensitive live neuron of the layer, so the "
                    "regularizer tells neurons apart instead of shrinking all of them alike.")
@@ -126,7 +129,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                anneals: int | None, anneal_after: int, stall_limit: int, min_width: int, neuron_criterion: str, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
+                anneals: int | None, anneal_after: int, stall_limit: int, min_width: int, neuron_criterion: str, rank_per_mac: bool, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
@@ -136,7 +139,8 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
                             target_sparsity=target_sparsity, exact=exact_sensitivity,
                             anneals=recipe.get("anneals", 0) if anneals is None else anneals,
-                            anneal_after=anneal_after, stall_limit=stall_limit, min_width=min_width, neuron_criterion=neuron_criterion, rescale_sensitivity=rescale_sensitivity,
+                            anneal_after=anneal_after, stall_limit=stall_limit, min_width=min_width, neuron_criterion=neuron_criterion, rank_per_mac=rank_per_mac,
+                            rescale_sensitivity=rescale_sensitivity,
                             prune_inputs=not keep_inputs)
     config = TrainConfig(
         epochs=recipe["epochs"] if epochs is None else epochs,

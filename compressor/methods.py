@@ -53,6 +53,8 @@ class PruningConfig:
     # serene: rank neurons by parameter norm ("norm"), by "sensitivity", or "both": at each
     # plateau a search by sensitivity, then one by norm, under the same bounds
     neuron_criterion: str = "norm"
+    # serene: divide the criterion by the multiply-accumulates removing the neuron saves
+    rank_per_mac: bool = False
     # serene: divide sensitivities by the largest live one of their layer before shrinking
     rescale_sensitivity: bool = False
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
@@ -120,7 +122,8 @@ class ThresholdPruning:
             neurons = find_neurons(model, self.example_input.to(device), inputs=self.config.prune_inputs)
             self.regularizer = SeReNe(model, neurons, self.config.lmbda, self.masks, exact=self.config.exact,
                                       rescale=self.config.rescale_sensitivity)
-            self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width)
+            self.pruner = NeuronPruner(neurons, self.masks, min_width=self.config.min_width,
+                                       per_mac=self.config.rank_per_mac)
             self.regularizer.alive = self.pruner.alive
             return
         if self.name == "lobster":

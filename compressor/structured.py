@@ -44,6 +44,13 @@ class Neurons:
     # that Linear's module name
     columns: list[tuple[str, nn.Parameter, torch.Tensor]] = field(default_factory=list)
     input_layer: str | None = None
+    # per neuron, the Linear/Conv layers that read it as an input channel, and the depthwise
+    # convs that pass it through: what removing it saves beyond its own rows (see neuron_macs)
+    feeds: list[tuple[str, ...]] = field(default_factory=list)
+    passes: list[tuple[str, ...]] = field(default_factory=list)
+    # per Linear/Conv layer: (multiply-accumulates per sample at full width, output channels,
+    # input channels), channels counted as the coupled groups count them
+    layer_macs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def layer_of_each(self) -> dict[str, torch.Tensor]:
         """Per layer, the indices of its neurons."""
@@ -58,12 +65,22 @@ def find_neurons(model: nn.Module, example_input: torch.Tensor, *, inputs: bool 
     """Trace ``model`` and list its prunable neurons (the logits are not prunable); with
     ``inputs``, also the input features where the input goes straight into a Linear."""
     modules = dict(model.named_modules())
-    groups = [g for g in channel_groups(model, example_input) if not g.pinned]
+    all_groups = channel_groups(model, example_input)
+    in_channels: dict[str, int] = {}
+    for group in all_groups:
+        for name, role in group.members:
+            if role == "in":
+                in_channels[name] = in_channels.get(name, 0) + len(group.channels)
+    groups = [g for g in all_groups if not g.pinned]
     row_owner: dict[str, torch.Tensor] = {}
     probe_owner: dict[str, torch.Tensor] = {}
     layers: list[tuple[str, ...]] = []
+    feeds: list[tuple[str, ...]] = []
+    passes: list[tuple[str, ...]] = []
     count = 0
     for group in groups:
+        group_feeds = tuple(name for name, role in group.members if role == "in")
+        group_passes = tuple(name for name, role in group.members if role == "dw")
         roles = [role for _, role in group.members]
         probe_roles = ("bn",) if "bn" in roles else ("out", "dw")
         for channel in group.channels:
@@ -84,6 +101,8 @@ def find_neurons(model: nn.Module, example_input: torch.Tensor, *, inputs: bool 
                 if role == "out":
                     layer_names.append(name)
             layers.append(tuple(layer_names))
+            feeds.append(group_feeds)
+            passes.append(group_passes)
     rows = []
     for pname, p in prunable_parameters(model):
         module_name = pname.rsplit(".", 1)[0] if "." in pname else ""
@@ -98,9 +117,75 @@ def find_neurons(model: nn.Module, example_input: torch.Tensor, *, inputs: bool 
         columns.append((f"{first}.weight" if first else "weight", weight,
                         torch.arange(count, count + features, device=weight.device)))
         layers.extend([(INPUT_UNITS,)] * features)
+        feeds.extend([(first,)] * features)
+        passes.extend([()] * features)
+        in_channels[first] = features  # input units are single features, not channels
         widths[INPUT_UNITS] = features
         count += features
-    return Neurons(count, rows, list(probe_owner.items()), layers, widths, columns, first)
+    full = _layer_macs(model, example_input)
+    layer_macs = {name: (macs, out, in_channels.get(name, 1)) for name, (macs, out) in full.items()}
+    return Neurons(count, rows, list(probe_owner.items()), layers, widths, columns, first,
+                   feeds, passes, layer_macs)
+
+
+def _layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Per Linear/Conv layer: multiply-accumulates per sample and output channels."""
+    found: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            # every output element costs one row (Linear) or one filter (Conv) of the weight
+            found[name] = (output[0].numel() * module.weight[0].numel(), module.weight.shape[0])
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
+def neuron_macs(neurons: Neurons, alive: torch.Tensor) -> torch.Tensor:
+    """Multiply-accumulates per sample that removing each neuron would save, given which
+    neurons are ``alive``: its own rows (its output channel of every layer it belongs to, at
+    the layer's current input width), its input channel of every layer that reads it (at that
+    layer's current output width), and its channel of every depthwise conv that passes it on.
+
+    Exact for plain chains and residual/concat groups; for grouped convs each channel is
+    charged an equal share of the layer."""
+    dead = ~alive.cpu()
+    out_alive: dict[str, int] = {}
+    in_alive: dict[str, int] = {}
+    for name, (_, width_out, width_in) in neurons.layer_macs.items():
+        out_alive[name] = width_out
+        in_alive[name] = width_in
+    for n in torch.nonzero(dead).flatten().tolist():
+        for name in neurons.layers[n]:
+            if name in out_alive:
+                out_alive[name] -= 1
+        for name in neurons.feeds[n]:
+            in_alive[name] -= 1
+    # Per layer, the MACs of one (output, input) channel pair at full width.
+    per_pair = {name: macs / (w_out * w_in) for name, (macs, w_out, w_in) in neurons.layer_macs.items()}
+    cost = torch.zeros(neurons.count, dtype=torch.float64)
+    for n in range(neurons.count):
+        total = 0.0
+        for name in neurons.layers[n]:
+            if name in per_pair:
+                total += per_pair[name] * in_alive[name]
+        for name in neurons.feeds[n]:
+            total += per_pair[name] * out_alive[name]
+        for name in neurons.passes[n]:
+            total += neurons.layer_macs[name][0] / neurons.layer_macs[name][1]
+        cost[n] = total
+    return cost
 
 
 class NeuronSensitivity:
@@ -274,13 +359,20 @@ class NeuronPruner:
 
     The L2 norm is comparable across layers: PyTorch's default initialisation gives every
     weight row roughly the same norm whatever its fan-in, whereas the mean magnitude would
-    favour pruning the widest layers first."""
+    favour pruning the widest layers first.
 
-    def __init__(self, neurons: Neurons, masks: Masks, *, min_width: int = 1, sensitivity: "SeReNe | None" = None) -> None:
+    With ``per_mac``, the criterion is divided by what removing the neuron saves
+    (:func:`neuron_macs`, relative to the mean over live neurons), so the ranking asks which
+    neuron costs the most computation per unit of importance: a conv channel that feeds a
+    wide layer goes before a cheap fully connected neuron of the same norm."""
+
+    def __init__(self, neurons: Neurons, masks: Masks, *, min_width: int = 1, sensitivity: "SeReNe | None" = None,
+                 per_mac: bool = False) -> None:
         self.neurons = neurons
         self.masks = masks
         self.min_width = min_width
         self.by_sensitivity = sensitivity
+        self.per_mac = per_mac
         self.alive = self.alive_from_masks()
         self._order: list[int] = []
         self._scores = torch.zeros(0)
@@ -299,6 +391,18 @@ class NeuronPruner:
         return alive_rows > 0
 
     def scores(self) -> torch.Tensor:
+        score = self._criterion()
+        if not self.per_mac:
+            return score
+        cost = neuron_macs(self.neurons, self.alive)
+        live = cost[self.alive]
+        mean = float(live.mean()) if live.numel() else 1.0
+        # A neuron that saves nothing (all its consumers gone) ranks by its criterion alone
+        # divided by the smallest positive cost, never by a division by zero.
+        floor = float(live[live > 0].min()) if bool((live > 0).any()) else 1.0
+        return (score.double() * mean / cost.clamp_min(floor)).float()
+
+    def _criterion(self) -> torch.Tensor:
         if self.by_sensitivity is not None and self.by_sensitivity.average is not None:
             return self.by_sensitivity.average.cpu()
         sq = torch.zeros(self.neurons.count, dtype=torch.float64)

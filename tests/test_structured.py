@@ -221,18 +221,26 @@ def test_min_width_keeps_every_layer_alive(synthetic) -> None:
     assert pruner.remaining_per_layer() == {"fc1": 3, "fc2": 3}
 
 
-@pytest.mark.parametrize("criterion", ["norm", "sensitivity", "both"])
-def test_serene_plugin_prunes_whole_neurons(synthetic, criterion: str) -> None:
+@pytest.mark.parametrize("criterion, per_mac", [
+    pytest.param("norm", False, id="norm"),
+    pytest.param("sensitivity", False, id="sensitivity"),
+    pytest.param("both", False, id="both"),
+    pytest.param("norm", True, id="norm-per-mac"),
+])
+def test_serene_plugin_prunes_whole_neurons(synthetic, criterion: str, per_mac: bool) -> None:
     data = synthetic(n=96)
     torch.manual_seed(0)
     import models
 
     model = models.build("lenet300", data.input_shape, data.num_classes)
-    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion=criterion)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion=criterion,
+                           rank_per_mac=per_mac)
     plugin = make("serene", config, data.train.x[:2])
     Trainer(model, data, TrainConfig(epochs=20, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
     remaining = plugin.pruner.remaining_per_layer()
-    assert remaining["fc1"] + remaining["fc2"] < 400
+    assert plugin.pruner.per_mac is per_mac
+    # per MAC, on 8x8 digits an input feature (300 MACs) costs more than an fc1 neuron (164)
+    assert sum(remaining.values()) < 400 + data.input_shape[-1] * data.input_shape[-2]
     # a pruned neuron is entirely zero: its weight row and bias
     dead = (model.fc1.weight == 0).all(1)
     assert torch.all(model.fc1.bias[dead] == 0) and int(dead.sum()) == 300 - remaining["fc1"]
@@ -387,3 +395,112 @@ class SmallTwoLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+# -- ranking per multiply-accumulate -----------------------------------------------------------
+
+
+def _kill(neurons, dead: list[int]) -> None:
+    """Zero everything the ``dead`` neurons own, as pruning does."""
+    dead_t = torch.tensor(dead, dtype=torch.long)
+    with torch.no_grad():
+        for _, p, owner in neurons.rows:
+            p[torch.isin(owner, dead_t)] = 0
+        for _, p, owner in neurons.columns:
+            p[:, torch.isin(owner, dead_t)] = 0
+
+
+def _macs_after_removal(model: nn.Module, shape: tuple[int, ...]) -> int:
+    from compressor.shrink import shrink
+    from exporters.footprint import count_macs
+
+    return count_macs(shrink(model, torch.randn(2, *shape)).model, shape)
+
+
+class ResidualDepthwise(nn.Module):
+    """A residual add (coupled group), BatchNorm, a depthwise conv passing channels on, and a
+    Flatten into a Linear: every way a neuron's removal reaches other layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(5 * 4 * 4, 7)
+        self.out = nn.Linear(7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.b(torch.relu(self.bn_a(self.a(h)))))
+        h = nn.functional.max_pool2d(torch.relu(self.pw(torch.relu(self.dw(h)))), 2)
+        return self.out(torch.relu(self.fc(h.flatten(1))))
+
+
+@pytest.mark.parametrize("arch, shape, inputs", [
+    pytest.param("lenet300", (1, 28, 28), True, id="lenet300-with-input-units"),
+    pytest.param("lenet5", (1, 28, 28), False, id="lenet5-flatten-into-linear"),
+    pytest.param(ResidualDepthwise, (3, 8, 8), False, id="residual-depthwise-bn"),
+])
+def test_neuron_macs_is_what_physical_removal_saves(arch, shape, inputs: bool) -> None:
+    import models
+    from compressor.structured import neuron_macs
+
+    torch.manual_seed(0)
+    model = (models.build(arch, shape, 10) if isinstance(arch, str) else arch()).eval()
+    neurons = find_neurons(model, torch.randn(2, *shape), inputs=inputs)
+    gen = torch.Generator().manual_seed(1)
+    alive = torch.ones(neurons.count, dtype=torch.bool)
+    layer_of_each = neurons.layer_of_each()
+    for n in torch.randperm(neurons.count, generator=gen)[: neurons.count // 3].tolist():
+        # keep every layer alive: physical removal of a whole layer is not what is measured here
+        if all(int(alive[layer_of_each[name]].sum()) > 2 for name in neurons.layers[n]):
+            alive[n] = False
+    _kill(neurons, torch.nonzero(~alive).flatten().tolist())
+    cost = neuron_macs(neurons, alive)
+    before = _macs_after_removal(model, shape)
+    candidates = torch.nonzero(alive).flatten()
+    if candidates.numel() > 40:  # a sample of the big models; every neuron of the small one
+        candidates = candidates[torch.randperm(candidates.numel(), generator=gen)[:4]]
+    for n in candidates.tolist():
+        trial = __import__("copy").deepcopy(model)
+        trial_neurons = find_neurons(trial, torch.randn(2, *shape), inputs=inputs)
+        _kill(trial_neurons, [n])
+        saved = before - _macs_after_removal(trial, shape)
+        assert cost[n].item() == pytest.approx(saved, rel=1e-9), (n, neurons.layers[n])
+
+
+def test_ranking_per_mac_prunes_the_expensive_neuron_of_equal_norm_first() -> None:
+    class TwoBranches(nn.Module):
+        """conv feeds a wide conv; fc is a cheap hidden Linear."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.wide = nn.Conv2d(2, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 6 * 6, 2)
+            self.out = nn.Linear(2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.wide(torch.relu(self.conv(x)))).flatten(1)
+            return self.out(torch.relu(self.fc(h)))
+
+    model = TwoBranches()
+    with torch.no_grad():  # every neuron's parameters get the same L2 norm
+        for _, p in prunable_parameters(model):
+            p.fill_(1.0)
+        for m in (model.conv, model.wide, model.fc):
+            m.weight.div_(m.weight[0].numel() ** 0.5)
+            m.bias.zero_()
+    x = torch.randn(2, 1, 6, 6)
+    neurons = find_neurons(model, x)
+    masks = Masks(prunable_parameters(model))
+    by_norm = NeuronPruner(neurons, masks)
+    per_mac = NeuronPruner(neurons, masks, per_mac=True)
+    by_norm.rank(), per_mac.rank()
+    first = per_mac._order[0]
+    assert neurons.layers[first] == ("conv",)  # 2 inputs of 8 filters x 36 positions: the dearest
+    assert torch.allclose(by_norm.scores()[0], by_norm.scores())  # by norm alone they all tie
+    assert per_mac.scores()[first] < per_mac.scores()[neurons.layers.index(("fc",))]
