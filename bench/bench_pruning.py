@@ -178,6 +178,11 @@ def main() -> None:
         if out.exists():
             earlier = json.loads(out.read_text())
             earlier_wall, command = earlier["wall_seconds"], earlier["command"] + " ; then " + command
+        else:
+            # The earlier run was interrupted before writing its JSON: its epochs' own times
+            # (training, evaluation, pruning) are what it spent, less its start-up.
+            earlier_wall = sum(h["seconds"] for h in trainer.history)
+            command = f"(interrupted run: {trainer.epoch} epochs, {earlier_wall / 60:.1f} min) ; then " + command
     started = time.perf_counter()
     result = trainer.fit()
     wall = earlier_wall + time.perf_counter() - started
