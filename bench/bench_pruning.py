@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--min-width", type=int, default=1)
     ap.add_argument("--prune-inputs", action="store_true", help="serene: input features are units too")
     ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity", "both"])
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="after pruning stops (or --minutes is up): epochs of fine-tuning at lr/10, masks fixed")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
     ap.add_argument("--rescale-sensitivity", action="store_true", help="serene: sensitivity relative to the layer's largest")
     ap.add_argument("--anneals", type=int, default=0, help="lr/lambda cuts by 10 when pruning stalls (0: stop instead)")
@@ -162,6 +164,7 @@ def main() -> None:
                             device="cpu", max_seconds=60 * args.minutes)
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
+                              finetune_epochs=args.finetune_epochs,
                               neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity,
                               rank_per_mac=args.rank_per_mac)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")

@@ -58,6 +58,10 @@ class PruningConfig:
     # serene: divide sensitivities by the largest live one of their layer before shrinking
     rescale_sensitivity: bool = False
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
+    # Once pruning stops (its own rule or the time/epoch budget), train the selected model this
+    # many more epochs at a tenth of the learning rate, masks fixed and no regularizer: the
+    # fine-tuning that recovers what the last prunes cost. The budgets do not cover it.
+    finetune_epochs: int = 0
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -78,6 +82,8 @@ class PruningConfig:
             raise CompressError(f"--anneals must be >= 0, got {self.anneals}")
         if self.anneal_after < 1:
             raise CompressError(f"--anneal-after must be >= 1, got {self.anneal_after}")
+        if self.finetune_epochs < 0:
+            raise CompressError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.neuron_criterion not in NEURON_CRITERIA:
             raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
@@ -103,6 +109,9 @@ class ThresholdPruning:
         # Host seconds spent on pruning work (sensitivity passes, regularizer steps, threshold
         # searches), the part of the training time that plain training would not spend.
         self.seconds = 0.0
+        # Fine-tuning: epochs left (None: not started) and why pruning stopped.
+        self.finetune_left: int | None = None
+        self.stop_reason: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.masks: Masks | None = None
         self.regularizer: Any = None
@@ -137,15 +146,20 @@ class ThresholdPruning:
         if isinstance(self.regularizer, SeReNe):
             self.regularizer.remove_hooks()
 
+    @property
+    def finishing(self) -> bool:
+        """In the final fine-tuning phase: no regularizer, no pruning, masks fixed."""
+        return self.finetune_left is not None
+
     def after_forward(self, output: torch.Tensor) -> None:
-        if self.regularizer is not None:
+        if self.regularizer is not None and not self.finishing:
             t0 = time.perf_counter()
             self.regularizer.observe(output)
             self.seconds += time.perf_counter() - t0
 
     def after_step(self) -> None:
         t0 = time.perf_counter()
-        if self.regularizer is not None:
+        if self.regularizer is not None and not self.finishing:
             self.regularizer.step()  # re-applies the masks
         else:
             self.masks.apply()
@@ -160,7 +174,10 @@ class ThresholdPruning:
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"threshold": None}
-        if self.detector.update(metrics["val_loss"], self.model):
+        if self.finishing:
+            self.finetune_left -= 1
+            extra["finetune"] = True
+        elif self.detector.update(metrics["val_loss"], self.model):
             t0 = time.perf_counter()
             extra.update(self._prune(trainer))
             self.seconds += time.perf_counter() - t0
@@ -234,7 +251,31 @@ class ThresholdPruning:
             return None
         return (-round(metrics.get("sparsity", 0.0), 6), metrics["val_error"], metrics["val_loss"])
 
+    def before_stop(self, trainer: Any, reason: str) -> bool:
+        """Start fine-tuning the selected model instead of stopping (if asked for)."""
+        if self.config.finetune_epochs == 0 or self.finishing:
+            return False
+        if trainer.best_state is not None:
+            self.model.load_state_dict(trainer.best_state)
+        with torch.no_grad():  # the selected model's zeros are what stays pruned
+            for name, p, m in self.masks:
+                m.copy_(p != 0)
+        if isinstance(self.pruner, NeuronPruner):
+            self.pruner.alive.copy_(self.pruner.alive_from_masks())
+        for group in self.optimizer.param_groups:
+            group["lr"] *= 0.1
+        self.optimizer.state.clear()  # momentum gathered on the pruned-further model
+        self.finetune_left = self.config.finetune_epochs
+        self.stop_reason = reason
+        trainer.log(f"{reason}: fine-tuning the selected model (epoch {trainer.best_epoch}) for "
+                    f"{self.config.finetune_epochs} epochs at lr {self.optimizer.param_groups[0]['lr']:.3g}")
+        return True
+
     def should_stop(self) -> str | None:
+        if self.finishing:
+            if self.finetune_left > 0:
+                return None
+            return f"{self.stop_reason}; then {self.config.finetune_epochs} fine-tuning epochs"
         target = self.config.target_sparsity
         if target is not None and self.sparsity() >= target:
             return f"target sparsity {100 * target:.2f} % reached"
@@ -252,6 +293,8 @@ class ThresholdPruning:
             "prunes": self.prunes,
             "annealed": self.annealed,
             "seconds": self.seconds,
+            "finetune_left": self.finetune_left,
+            "stop_reason": self.stop_reason,
             "regularizer": self.regularizer.state_dict() if self.regularizer else None,
             "alive_neurons": self.pruner.alive.clone() if isinstance(self.pruner, NeuronPruner) else None,
         }
@@ -265,6 +308,8 @@ class ThresholdPruning:
         self.prunes = int(state["prunes"])
         self.annealed = int(state.get("annealed", 0))
         self.seconds = float(state.get("seconds", 0.0))
+        self.finetune_left = state.get("finetune_left")
+        self.stop_reason = state.get("stop_reason")
         if self.regularizer is not None and state.get("regularizer"):
             self.regularizer.load_state_dict(state["regularizer"])
         if isinstance(self.pruner, NeuronPruner) and state.get("alive_neurons") is not None:

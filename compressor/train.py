@@ -117,6 +117,13 @@ class TrainingPlugin(Protocol):
     def should_stop(self) -> str | None:
         """A reason to stop training early, or None."""
 
+    def before_stop(self, trainer: "Trainer", reason: str) -> bool:
+        """Training is about to stop for ``reason`` (the plugin's own, or a budget): True to
+        go on with a final phase instead, which then ends through :meth:`should_stop`; the
+        time and epoch budgets no longer apply while :attr:`finishing` is true."""
+
+    finishing: bool
+
     def detach(self) -> None:
         """Training is over: remove anything hooked into the model."""
 
@@ -350,7 +357,7 @@ class Trainer:
                 self.best_key = self._selection_key({"val_loss": val_loss, "val_error": val_err, "sparsity": 0.0})
                 self.best_epoch, self.best_state = 0, _copy_state(self.model)
             self._follow_main()
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.epochs or self._finishing():
             epoch_start = time.perf_counter()
             train_loss, train_err = self._train_one_epoch()
             self.epoch += 1
@@ -413,9 +420,18 @@ class Trainer:
             checkpoint.save({"state_dict": self.best_state, "epoch": self.epoch}, self.workdir / "best.pt")
         self.log(format_epoch(metrics, cfg.epochs))
         reason = self.plugin.should_stop() if self.plugin is not None else None
-        if reason is None and cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
-            reason = f"time budget of {cfg.max_seconds:.0f} s reached"
+        if reason is None and not self._finishing():
+            if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
+                reason = f"time budget of {cfg.max_seconds:.0f} s reached"
+            elif self.epoch >= cfg.epochs:
+                reason = "epoch budget reached"
+        before_stop = getattr(self.plugin, "before_stop", None)
+        if reason is not None and before_stop is not None and not self._finishing() and before_stop(self, reason):
+            return None
         return reason
+
+    def _finishing(self) -> bool:
+        return self.plugin is not None and bool(getattr(self.plugin, "finishing", False))
 
 
 def _on_cpu(obj: Any) -> Any:
@@ -446,6 +462,8 @@ def format_epoch(m: dict[str, Any], epochs: int) -> str:
         parts.append(f"sparsity {100 * m['sparsity']:.2f}%")
     if m.get("neurons"):
         parts.append(" ".join(f"{name.replace('input features', 'inputs')}={n}" for name, n in m["neurons"].items()))
+    if m.get("finetune"):
+        parts.append("fine-tune")
     if m.get("threshold") is not None:
         parts.append(f"T {m['threshold']:.3g}")
     if m.get("best"):

@@ -158,3 +158,63 @@ def test_progress_line_shows_sparsity_threshold_and_widths() -> None:
                          "best": True}, 100)
     assert line.split() == ["epoch", "7/100", "loss", "0.1000", "val", "err", "2.00%", "test", "err", "1.90%", "lr", "0.1",
                             "sparsity", "50.00%", "fc1=70", "fc2=28", "inputs=300", "T", "0.031", "*"]
+
+
+@pytest.mark.parametrize("budget", ["epochs", "seconds", "stall"], ids=["after-epoch-budget", "after-time-budget", "after-stall"])
+def test_finetuning_trains_the_selected_model_with_its_zeros_fixed(budget: str, synthetic, tmp_path) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=3,
+                           stall_limit=1 if budget == "stall" else 1000)
+    train = TrainConfig(epochs=8 if budget != "stall" else 200, lr=0.05, batch_size=16,
+                        max_seconds=0.0 if budget == "seconds" else None)
+    logged: list[str] = []
+    plugin = make("lobster", config)
+    trainer = Trainer(_mlp(data), data, train, plugin=plugin, progress=False, log=logged.append, workdir=tmp_path)
+    result = trainer.fit()
+    pruning = [h for h in trainer.history if not h.get("finetune")]
+    finetune = [h for h in trainer.history if h.get("finetune")]
+    assert len(finetune) == 3 and trainer.history[-3:] == finetune, "three fine-tuning epochs close the run"
+    assert result.stopped_because.endswith("; then 3 fine-tuning epochs")
+    selected_before = max((h for h in pruning if h.get("best")), key=lambda h: h["epoch"], default=None)
+    start_sparsity = selected_before["sparsity"] if selected_before else 0.0
+    assert all(h["sparsity"] == pytest.approx(start_sparsity) for h in finetune)
+    assert all(h["lr"] == pytest.approx(0.1 * pruning[-1]["lr"]) for h in finetune)
+    assert all(h["threshold"] is None for h in finetune), "no pruning while fine-tuning"
+    assert any("fine-tuning the selected model" in line for line in logged)
+    # The zeros of the selected model stayed zero through the fine-tuning steps.
+    for _, p, m in plugin.masks:
+        assert torch.all(p.detach()[~m] == 0)
+
+
+def test_finetuning_survives_a_resume(synthetic, tmp_path) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=4, stall_limit=1000)
+    first = Trainer(_mlp(data), data, TrainConfig(epochs=5, lr=0.05, batch_size=16), plugin=make("lobster", config),
+                    progress=False, log=lambda s: None, workdir=tmp_path)
+    # Interrupt after two fine-tuning epochs: a later process picks up with two to go.
+    plugin = first.plugin
+    real = plugin.on_epoch_end
+
+    def stop_midway(trainer, metrics):
+        extra = real(trainer, metrics)
+        if plugin.finetune_left == 2:
+            raise KeyboardInterrupt
+        return extra
+
+    plugin.on_epoch_end = stop_midway
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    second = Trainer(_mlp(data), data, TrainConfig(epochs=5, lr=0.05, batch_size=16), plugin=make("lobster", config),
+                     progress=False, log=lambda s: None, workdir=tmp_path)
+    assert second.resume()
+    assert second.plugin.finishing and second.plugin.finetune_left == 3  # the interrupted epoch is redone
+    result = second.fit()
+    assert result.stopped_because.endswith("; then 4 fine-tuning epochs")
+    assert sum(1 for h in second.history if h.get("finetune")) == 4
+
+
+def test_negative_finetune_epochs_are_refused() -> None:
+    with pytest.raises(CompressError, match="--finetune-epochs must be >= 0"):
+        PruningConfig(finetune_epochs=-1).validate()
