@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -465,7 +467,7 @@ def test_neuron_macs_is_what_physical_removal_saves(arch, shape, inputs: bool) -
     if candidates.numel() > 40:  # a sample of the big models; every neuron of the small one
         candidates = candidates[torch.randperm(candidates.numel(), generator=gen)[:4]]
     for n in candidates.tolist():
-        trial = __import__("copy").deepcopy(model)
+        trial = copy.deepcopy(model)
         trial_neurons = find_neurons(trial, torch.randn(2, *shape), inputs=inputs)
         _kill(trial_neurons, [n])
         saved = before - _macs_after_removal(trial, shape)
