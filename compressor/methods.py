@@ -223,15 +223,24 @@ class ThresholdPruning:
 
     def _rankings(self) -> Iterator[str]:
         """Point the neuron pruner at each ranking this plateau searches in turn (entry pruners
-        have one). Both searches of "both" are bounded by the same reference loss and error, so
-        together they degrade the model no more than one search would."""
+        have one). All searches of a plateau are bounded by the same reference loss and error, so
+        together they degrade the model no more than one search would.
+
+        With ``rank_per_mac`` each criterion is searched per MAC first, then alone: a bisection
+        only prunes a prefix of its ranking, so once the costliest channel at the head of the
+        per-MAC ranking cannot go, cheap near-dead neurons further down would never be reached."""
         if not isinstance(self.pruner, NeuronPruner):
             yield "magnitude"
             return
         criteria = ("sensitivity", "norm") if self.config.neuron_criterion == "both" else (self.config.neuron_criterion,)
         for criterion in criteria:
             self.pruner.by_sensitivity = self.regularizer if criterion == "sensitivity" else None
+            if self.config.rank_per_mac:
+                self.pruner.per_mac = True
+                yield f"{criterion} per MAC"
+                self.pruner.per_mac = False
             yield criterion
+        self.pruner.per_mac = self.config.rank_per_mac
 
     def _maybe_anneal(self) -> bool:
         """Divide the learning rate and lambda by 10 once pruning has stalled long enough."""

@@ -271,6 +271,30 @@ def test_both_criteria_search_by_sensitivity_then_by_norm_within_the_same_bounds
         assert first[1:] == second[1:]  # one plateau: both searches bounded by the same loss and error
 
 
+def test_per_mac_ranking_is_followed_by_the_plain_one_within_the_same_bounds(synthetic, monkeypatch) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    import models
+
+    calls = []
+    real = methods.find_threshold
+
+    def spy(pruner, evaluate, *, max_loss, max_error):
+        calls.append((pruner.by_sensitivity is not None, pruner.per_mac, max_loss))
+        return real(pruner, evaluate, max_loss=max_loss, max_error=max_error)
+
+    monkeypatch.setattr(methods, "find_threshold", spy)
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion="both", rank_per_mac=True)
+    plugin = make("serene", config, data.train.x[:2])
+    Trainer(model, data, TrainConfig(epochs=8, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
+    assert len(calls) >= 4 and len(calls) % 4 == 0
+    order = [(True, True), (True, False), (False, True), (False, False)]
+    assert [c[:2] for c in calls] == order * (len(calls) // 4)
+    for plateau in range(0, len(calls), 4):
+        assert len({c[2] for c in calls[plateau:plateau + 4]}) == 1  # one bound per plateau
+
+
 def test_unknown_neuron_criterion_is_a_clear_error() -> None:
     with pytest.raises(CompressError, match="--neuron-criterion must be one of norm, sensitivity, both"):
         PruningConfig(neuron_criterion="rms").validate()
