@@ -59,8 +59,8 @@ class PruningConfig:
     rescale_sensitivity: bool = False
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
     # Once pruning stops (its own rule or the time/epoch budget), train the selected model this
-    # many more epochs at a tenth of the learning rate, masks fixed and no regularizer: the
-    # fine-tuning that recovers what the last prunes cost. The budgets do not cover it.
+    # many more epochs at a tenth of the learning rate, masks fixed and no regularizer, to win
+    # back what the last prunes cost. The budgets do not cover it.
     finetune_epochs: int = 0
 
     def validate(self) -> None:

@@ -248,7 +248,8 @@ def test_serene_plugin_prunes_whole_neurons(synthetic, criterion: str, per_mac: 
     assert torch.all(model.fc1.bias[dead] == 0) and int(dead.sum()) == 300 - remaining["fc1"]
 
 
-def test_both_criteria_search_by_sensitivity_then_by_norm_within_the_same_bounds(synthetic, monkeypatch) -> None:
+def _searches(synthetic, monkeypatch, config: PruningConfig, epochs: int) -> list[tuple[bool, bool, float, float]]:
+    """Train LeNet-300 with serene; per threshold search: (by sensitivity, per MAC, max loss, max error)."""
     data = synthetic(n=96)
     torch.manual_seed(0)
     import models
@@ -257,37 +258,28 @@ def test_both_criteria_search_by_sensitivity_then_by_norm_within_the_same_bounds
     real = methods.find_threshold
 
     def spy(pruner, evaluate, *, max_loss, max_error):
-        calls.append((pruner.by_sensitivity is not None, max_loss, max_error))
+        calls.append((pruner.by_sensitivity is not None, pruner.per_mac, max_loss, max_error))
         return real(pruner, evaluate, max_loss=max_loss, max_error=max_error)
 
     monkeypatch.setattr(methods, "find_threshold", spy)
     model = models.build("lenet300", data.input_shape, data.num_classes)
-    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion="both")
     plugin = make("serene", config, data.train.x[:2])
-    Trainer(model, data, TrainConfig(epochs=6, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
+    Trainer(model, data, TrainConfig(epochs=epochs, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
+    return calls
+
+
+def test_both_criteria_search_by_sensitivity_then_by_norm_within_the_same_bounds(synthetic, monkeypatch) -> None:
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion="both")
+    calls = _searches(synthetic, monkeypatch, config, epochs=6)
     assert len(calls) >= 2 and len(calls) % 2 == 0
-    assert [by_sensitivity for by_sensitivity, _, _ in calls] == [True, False] * (len(calls) // 2)
+    assert [by_sensitivity for by_sensitivity, _, _, _ in calls] == [True, False] * (len(calls) // 2)
     for first, second in zip(calls[::2], calls[1::2]):
-        assert first[1:] == second[1:]  # one plateau: both searches bounded by the same loss and error
+        assert first[2:] == second[2:]  # one plateau: both searches bounded by the same loss and error
 
 
 def test_per_mac_ranking_is_followed_by_the_plain_one_within_the_same_bounds(synthetic, monkeypatch) -> None:
-    data = synthetic(n=96)
-    torch.manual_seed(0)
-    import models
-
-    calls = []
-    real = methods.find_threshold
-
-    def spy(pruner, evaluate, *, max_loss, max_error):
-        calls.append((pruner.by_sensitivity is not None, pruner.per_mac, max_loss))
-        return real(pruner, evaluate, max_loss=max_loss, max_error=max_error)
-
-    monkeypatch.setattr(methods, "find_threshold", spy)
-    model = models.build("lenet300", data.input_shape, data.num_classes)
     config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, neuron_criterion="both", rank_per_mac=True)
-    plugin = make("serene", config, data.train.x[:2])
-    Trainer(model, data, TrainConfig(epochs=8, lr=0.05, batch_size=16), plugin=plugin, progress=False, log=lambda s: None).fit()
+    calls = _searches(synthetic, monkeypatch, config, epochs=8)
     assert len(calls) >= 4 and len(calls) % 4 == 0
     order = [(True, True), (True, False), (False, True), (False, False)]
     assert [c[:2] for c in calls] == order * (len(calls) // 4)
