@@ -233,14 +233,16 @@ class ThresholdPruning:
             yield "magnitude"
             return
         criteria = ("sensitivity", "norm") if self.config.neuron_criterion == "both" else (self.config.neuron_criterion,)
-        for criterion in criteria:
-            self.pruner.by_sensitivity = self.regularizer if criterion == "sensitivity" else None
-            if self.config.rank_per_mac:
-                self.pruner.per_mac = True
-                yield f"{criterion} per MAC"
-                self.pruner.per_mac = False
-            yield criterion
-        self.pruner.per_mac = self.config.rank_per_mac
+        try:
+            for criterion in criteria:
+                self.pruner.by_sensitivity = self.regularizer if criterion == "sensitivity" else None
+                if self.config.rank_per_mac:
+                    self.pruner.per_mac = True
+                    yield f"{criterion} per MAC"
+                    self.pruner.per_mac = False
+                yield criterion
+        finally:  # also when a search raises: the pruner keeps the configured ranking
+            self.pruner.per_mac = self.config.rank_per_mac
 
     def _maybe_anneal(self) -> bool:
         """Divide the learning rate and lambda by 10 once pruning has stalled long enough."""
