@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=0,
                     help="after pruning stops (or --minutes is up): epochs of fine-tuning at lr/10, masks fixed")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
+    ap.add_argument("--width-multiple", type=int, default=1,
+                    help="serene: also try to bring layer widths down to multiples of N at each plateau")
     ap.add_argument("--rescale-sensitivity", action="store_true", help="serene: sensitivity relative to the layer's largest")
     ap.add_argument("--anneals", type=int, default=0, help="lr/lambda cuts by 10 when pruning stalls (0: stop instead)")
     ap.add_argument("--anneal-after", type=int, default=2, help="fruitless plateaus in a row before each anneal")
@@ -166,7 +168,7 @@ def main() -> None:
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
                               finetune_epochs=args.finetune_epochs,
                               neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity,
-                              rank_per_mac=args.rank_per_mac)
+                              rank_per_mac=args.rank_per_mac, width_multiple=args.width_multiple)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"

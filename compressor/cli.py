@@ -106,6 +106,10 @@ def cli() -> None:
 @click.option("--rank-per-mac", is_flag=True,
               help="serene: rank neurons by criterion per multiply-accumulate their removal saves, so expensive conv "
                    "channels go before cheap neurons of the same importance (for FLOPs and latency targets).")
+@click.option("--width-multiple", type=click.IntRange(min=1), default=1, show_default=True,
+              help="serene: at every plateau also try to bring each layer's width down to a multiple of N (8 for AVX2, "
+                   "16 for AVX-512), pruning its weakest neurons if validation allows: blocked CPU kernels compute a "
+                   "width rounded up to the block, so the last few channels above a multiple cost a whole block.")
 @click.option("--rescale-sensitivity", is_flag=True,
               help="serene: shrink by sensitivity relative to the most sensitive live neuron of the layer, so the "
                    "regularizer tells neurons apart instead of shrinking all of them alike.")
@@ -132,7 +136,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, min_width: int, neuron_criterion: str, rank_per_mac: bool, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
+                anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, min_width: int, neuron_criterion: str, rank_per_mac: bool, width_multiple: int, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
@@ -143,7 +147,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                             target_sparsity=target_sparsity, exact=exact_sensitivity,
                             anneals=recipe.get("anneals", 0) if anneals is None else anneals,
                             anneal_after=anneal_after, stall_limit=stall_limit, finetune_epochs=finetune_epochs, min_width=min_width, neuron_criterion=neuron_criterion, rank_per_mac=rank_per_mac,
-                            rescale_sensitivity=rescale_sensitivity,
+                            width_multiple=width_multiple, rescale_sensitivity=rescale_sensitivity,
                             prune_inputs=not keep_inputs)
     config = TrainConfig(
         epochs=recipe["epochs"] if epochs is None else epochs,

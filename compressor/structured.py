@@ -467,5 +467,41 @@ class NeuronPruner:
     def pruned_count(self) -> int:
         return int((~self.alive).sum())
 
+    def misaligned(self, multiple: int) -> list[tuple[str, int]]:
+        """Layers whose live width is above ``multiple`` but not a multiple of it, with how many
+        neurons would bring each down to the multiple below, most MACs saved first.
+
+        Blocked CPU kernels (onnxruntime's NCHWc convolutions: blocks of 8 channels with AVX2,
+        16 with AVX-512) compute a layer at its width rounded up to the block, and only take
+        inputs whose channel count is a whole number of blocks: one channel above a multiple
+        can cost as much as a whole block."""
+        cost = neuron_macs(self.neurons, self.alive)
+        out = []
+        for name, idx in self.neurons.layer_of_each().items():
+            live = idx[self.alive[idx]]
+            excess = len(live) % multiple
+            if len(live) > multiple and excess and len(live) - excess >= self.min_width:
+                out.append((float(cost[live].mean()) * excess, name, excess))
+        return [(name, excess) for _, name, excess in sorted(out, key=lambda t: -t[0])]
+
+    def rank_layer(self, layer: str, k: int) -> int:
+        """Rank only the ``k`` weakest live neurons of ``layer`` (skipping any whose other
+        layers are at their minimum width), for :meth:`prune_first`; returns how many."""
+        self._scores = self.scores()
+        idx = self.neurons.layer_of_each()[layer]
+        live = idx[self.alive[idx]]
+        order = live[torch.argsort(self._scores[live], stable=True)].tolist()
+        remaining = self.remaining_per_layer()
+        self._order = []
+        for n in order:
+            if len(self._order) == k:
+                break
+            if all(remaining[name] > self.min_width for name in self.neurons.layers[n]):
+                self._order.append(n)
+                for name in self.neurons.layers[n]:
+                    remaining[name] -= 1
+        self._saved = {name: p.detach().clone() for name, p in self._params().items()}
+        return len(self._order)
+
     def remaining_per_layer(self) -> dict[str, int]:
         return {name: int(self.alive[idx].sum()) for name, idx in self.neurons.layer_of_each().items()}

@@ -9,12 +9,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 
 from .masks import Masks
+
+if TYPE_CHECKING:
+    from .structured import NeuronPruner
 
 
 class PlateauDetector:
@@ -113,6 +116,10 @@ class ThresholdSearch:
     evaluations: int
 
 
+def _within(loss: float, err: float, max_loss: float, max_error: float) -> bool:
+    return math.isfinite(loss) and loss <= max_loss and err <= max_error
+
+
 def find_threshold(
     pruner: Pruner | Masks,
     evaluate: Callable[[], tuple[float, float]],
@@ -134,7 +141,7 @@ def find_threshold(
     n = pruner.rank()
 
     def acceptable(loss: float, err: float) -> bool:
-        return math.isfinite(loss) and loss <= max_loss and err <= max_error
+        return _within(loss, err, max_loss, max_error)
 
     lo_result = evaluate()
     evaluations = 1
@@ -154,3 +161,30 @@ def find_threshold(
     before = pruner.pruned_count()
     threshold = pruner.prune_first(lo, permanent=True)
     return ThresholdSearch(threshold, pruner.pruned_count() - before, lo_result[0], lo_result[1], evaluations)
+
+
+def align_widths(
+    pruner: NeuronPruner,
+    evaluate: Callable[[], tuple[float, float]],
+    multiple: int,
+    *,
+    max_loss: float,
+    max_error: float = math.inf,
+) -> int:
+    """Bring layer widths down to multiples of ``multiple`` where the model can afford it.
+
+    For each layer whose width is above a multiple (most MACs saved first), its excess
+    neurons, the weakest of the layer, are pruned all together if validation loss and error
+    then stay within the bounds, and left alone otherwise: part of the excess would not make
+    the layer any cheaper on blocked kernels. Returns the neurons pruned."""
+    pruned = 0
+    for layer, excess in pruner.misaligned(multiple):
+        if pruner.rank_layer(layer, excess) < excess:
+            continue
+        pruner.prune_first(excess, permanent=False)
+        result = evaluate()
+        pruner.restore()
+        if _within(*result, max_loss, max_error):
+            pruner.prune_first(excess, permanent=True)
+            pruned += excess
+    return pruned

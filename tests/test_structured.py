@@ -522,3 +522,108 @@ def test_ranking_per_mac_prunes_the_expensive_neuron_of_equal_norm_first() -> No
     assert neurons.layers[first] == ("conv",)  # 2 inputs of 8 filters x 36 positions: the dearest
     assert torch.allclose(by_norm.scores()[0], by_norm.scores())  # by norm alone they all tie
     assert per_mac.scores()[first] < per_mac.scores()[neurons.layers.index(("fc",))]
+
+
+# -- width alignment -------------------------------------------------------------------------------
+
+
+class NineAndNineteen(nn.Module):
+    """conv1 of 10 channels into conv2 of 19 into a hidden Linear of 5: widths off multiples of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 3)
+        self.conv2 = nn.Conv2d(10, 19, 3)
+        self.fc = nn.Linear(19 * 2 * 2, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.out(torch.relu(self.fc(h.flatten(1))))
+
+
+def _aligned_setup(min_width: int = 1):
+    torch.manual_seed(0)
+    model = NineAndNineteen()
+    neurons = find_neurons(model, torch.randn(2, 1, 6, 6))
+    return model, neurons, NeuronPruner(neurons, Masks(prunable_parameters(model)), min_width=min_width)
+
+
+def test_misaligned_lists_each_layers_excess_dearest_first() -> None:
+    _, _, pruner = _aligned_setup()
+    # conv1's 2 extra channels save 2 x (16 x 9 own + 4 x 9 x 19 in conv2) = 1656 MACs, conv2's 3
+    # save 3 x (4 x 9 x 10 own + 4 x 5 in fc) = 1140; fc (5) is below one block
+    assert pruner.misaligned(8) == [("conv1", 2), ("conv2", 3)]
+    assert pruner.misaligned(5) == [("conv2", 4)]  # conv1's 10 and fc's 5 are multiples of 5
+    _, _, narrow = _aligned_setup(min_width=10)
+    assert narrow.misaligned(8) == [("conv2", 3)]  # conv1 may not go below 10
+
+
+@pytest.mark.parametrize("accept, widths", [
+    pytest.param(lambda dead: True, {"conv1": 8, "conv2": 16, "fc": 5}, id="all-accepted"),
+    pytest.param(lambda dead: False, {"conv1": 10, "conv2": 19, "fc": 5}, id="all-rejected"),
+    pytest.param(lambda dead: dead <= 2, {"conv1": 8, "conv2": 19, "fc": 5}, id="only-the-first"),
+])
+def test_align_widths_prunes_each_layers_weakest_excess_or_nothing(accept, widths) -> None:
+    from compressor.thresholding import align_widths
+
+    model, neurons, pruner = _aligned_setup()
+    norms = pruner.scores()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def evaluate() -> tuple[float, float]:
+        dead = sum(int((m.weight.flatten(1) == 0).all(1).sum()) for m in (model.conv1, model.conv2, model.fc))
+        return (1.0, 0.0) if accept(dead) else (2.0, 0.0)
+
+    pruned = align_widths(pruner, evaluate, 8, max_loss=1.5)
+    assert pruner.remaining_per_layer() == widths
+    assert pruned == 29 - widths["conv1"] - widths["conv2"]
+    for name, idx in neurons.layer_of_each().items():
+        gone = idx[~pruner.alive[idx]]
+        kept = idx[pruner.alive[idx]]
+        if gone.numel():  # the weakest of the layer went, all of what they own is zero
+            assert norms[gone].max() <= norms[kept].min()
+            layer = getattr(model, name)
+            assert torch.all(layer.weight[gone - idx.min()] == 0) and torch.all(layer.bias[gone - idx.min()] == 0)
+    # what was kept is exactly as before (rejected trials restored)
+    for key, value in model.state_dict().items():
+        zeroed = value == 0
+        assert torch.equal(value[~zeroed], before[key][~zeroed])
+
+
+def test_serene_aligns_widths_once_per_plateau_within_the_searches_bounds(synthetic, monkeypatch) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    import models
+
+    searches, alignments = [], []
+    real_search, real_align = methods.find_threshold, methods.align_widths
+
+    def spy_search(pruner, evaluate, *, max_loss, max_error):
+        searches.append((max_loss, max_error))
+        return real_search(pruner, evaluate, max_loss=max_loss, max_error=max_error)
+
+    def spy_align(pruner, evaluate, multiple, *, max_loss, max_error):
+        alignments.append((len(searches), multiple, max_loss, max_error))
+        return real_align(pruner, evaluate, multiple, max_loss=max_loss, max_error=max_error)
+
+    monkeypatch.setattr(methods, "find_threshold", spy_search)
+    monkeypatch.setattr(methods, "align_widths", spy_align)
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, width_multiple=8)
+    plugin = make("serene", config, data.train.x[:2])
+    result = Trainer(model, data, TrainConfig(epochs=8, lr=0.05, batch_size=16), plugin=plugin, progress=False,
+                     log=lambda s: None).fit()
+    assert alignments and len(alignments) == len(searches)  # one search per plateau (norm), then one alignment
+    for plateau, (searches_before, multiple, max_loss, max_error) in enumerate(alignments):
+        assert searches_before == plateau + 1 and multiple == 8
+        assert (max_loss, max_error) == searches[plateau]
+    aligned = [h for h in result.history if h.get("aligned")]
+    assert aligned, "no plateau aligned any width on an easy problem"
+    for h in aligned:  # what the alignment pruned left that layer at a multiple of 8
+        assert any(w % 8 == 0 for w in h["neurons"].values())
+
+
+def test_width_multiple_must_be_positive() -> None:
+    with pytest.raises(CompressError, match="--width-multiple must be >= 1"):
+        PruningConfig(width_multiple=0).validate()
