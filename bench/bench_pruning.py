@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--stall-limit", type=int, default=5, help="stop after this many plateaus in a row that prune nothing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs share the 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shift", type=int, default=0, help="augment training images by random shifts of up to N pixels")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
     ap.add_argument("--resume", action="store_true",
@@ -162,7 +163,7 @@ def main() -> None:
     if args.init is not None:
         model.load_state_dict(checkpoint.load_safely(args.init)["state_dict"])
     train_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                            lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed,
+                            lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed, shift=args.shift,
                             device="cpu", max_seconds=60 * args.minutes)
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,

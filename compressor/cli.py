@@ -64,6 +64,8 @@ def cli() -> None:
                    "for pruning methods; cosine: the default for `none`; constant.")
 @click.option("--lr-patience", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation, data split and batch order.")
+@click.option("--shift", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Augment training images with random translations of up to N pixels (edges replicated); 0: off.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of the training set held out for validation.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -132,7 +134,7 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out: Path, epochs: int | None, lr: float, momentum: float,
-                nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int,
+                nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int, shift: int,
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
@@ -159,6 +161,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
         lr_schedule=recipe["lr_schedule"] if lr_schedule is None else lr_schedule,
         plateau_patience=lr_patience,
         seed=seed,
+        shift=shift,
         device=device,
     )
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,

@@ -17,6 +17,7 @@ from exporters import onnx_export, report as reporting, sparse_onnx
 
 from . import checkpoint, distributed
 from .atomic import check_writable
+from .augment import check_shiftable
 from .data import Dataset, describe, load_dataset
 from .errors import CompressError
 from .loading import LoadedModel, load_model
@@ -90,6 +91,7 @@ def _run(job: Job, log: Callable[[str], None]) -> dict[str, Any] | None:
     data = load_dataset(job.data, seed=job.train.seed, val_fraction=job.val_fraction)
     if distributed.is_main():
         distributed.barrier()
+    check_shiftable(data.input_shape, job.train.shift)
     loaded = load_model(job.model, data, allow_unsafe_pickle=job.allow_unsafe_pickle)
     timings["load_s"] = time.perf_counter() - t0
     # Read the dense baseline's report now: a wrong file fails before training, not after.

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
+from .augment import check_shiftable, random_shift
 from .data import Dataset, Split
 from .errors import CompressError
 
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_seconds: float | None = None   # wall-clock budget for this call to fit()
+    shift: int = 0                     # augmentation: random translation of training images, pixels
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -58,6 +60,8 @@ class TrainConfig:
             raise CompressError("--nesterov needs --momentum > 0")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise CompressError("--batch-size must be >= 1")
+        if self.shift < 0:
+            raise CompressError(f"--shift must be >= 0 pixels, got {self.shift}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise CompressError(f"unknown learning-rate schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
 
@@ -169,6 +173,7 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ) -> None:
         config.validate()
+        check_shiftable(data.input_shape, config.shift)
         self.config = config
         self.data = data
         self.device = resolve_device(config.device)
@@ -315,7 +320,7 @@ class Trainer:
                 if len(idx) < self.world:
                     continue  # a tail batch too small to give every rank a sample: skipped on all ranks
                 idx = idx[self.rank :: self.world]
-            x = train.x[idx].to(self.device, non_blocking=True)
+            x = random_shift(train.x[idx].to(self.device, non_blocking=True), cfg.shift, generator)
             y = train.y[idx].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             output = self.net(x)

@@ -124,6 +124,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     checkpoint.save_model(wrong_shape, models.build("lenet300", (1, 28, 28), 10), arch="lenet300", input_shape=(1, 28, 28), num_classes=10)
     npz3 = tmp / "three.npz"
     np.savez(npz3, x=np.random.rand(30, 8, 8).astype(np.float32), y=np.arange(30) % 3)
+    flat = tmp / "flat.npz"
+    np.savez(flat, x=np.random.rand(30, 64).astype(np.float32), y=np.arange(30) % 10)
     digits_ckpt = tmp / "digits.pt"
     checkpoint.save_model(digits_ckpt, models.build("lenet300", (1, 8, 8), 10), arch="lenet300", input_shape=(1, 8, 8), num_classes=10)
     return [
@@ -138,14 +140,17 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["lenet300", "--data", "npz"], "npz"),
         (["lenet300", "--data", f"npz:{tmp / 'nope.npz'}"], "nope.npz"),
         (["lenet300", "--lr", "-1"], "--lr"),
+        (["lenet300", "--data", f"npz:{flat}", "--shift", "2"], "--shift needs image inputs"),
+        (["lenet300", "--shift", "8"], "--shift 8 is not smaller than the 8x8 images"),
     ]
 
 
 @pytest.mark.parametrize(
     "case",
-    range(11),
+    range(13),
     ids=["unknown-model", "missing-file", "corrupt-file", "bare-state-dict", "shape-mismatch", "class-mismatch",
-         "model-too-small-for-data", "unknown-dataset", "malformed-data-spec", "missing-npz", "negative-lr"],
+         "model-too-small-for-data", "unknown-dataset", "malformed-data-spec", "missing-npz", "negative-lr",
+         "shift-on-flat-features", "shift-larger-than-image"],
 )
 def test_bad_input_gives_one_line_exit_2_and_no_output(case: int, run_cli, tmp_path: Path) -> None:
     args, fragment = _bad_inputs(tmp_path)[case]
