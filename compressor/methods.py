@@ -210,7 +210,7 @@ class ThresholdPruning:
             )
             pruned += search.pruned
             threshold = search.threshold if search.pruned else threshold
-        aligned = 0
+        aligned, fading = 0, 0
         if isinstance(self.pruner, NeuronPruner) and self.config.width_multiple > 1:
             # Within a layer, the neurons to go are the weakest by the method's own criterion.
             self.pruner.by_sensitivity = None if self.config.neuron_criterion == "norm" else self.regularizer
@@ -218,6 +218,10 @@ class ThresholdPruning:
                                    self.config.width_multiple, max_loss=(1 + self.config.twt) * ref_loss,
                                    max_error=self.error_cap())
             pruned += aligned
+            # What could not go yet is phased out by the regularizer until a later plateau can remove it.
+            excess = self.pruner.excess(self.config.width_multiple)
+            self.regularizer.fading = excess if bool(excess.any()) else None
+            fading = int(excess.sum())
         val_loss, val_error = trainer.evaluate(trainer.data.val) if aligned else (search.val_loss, search.val_error)
         self.detector.reset()
         self.prunes += 1
@@ -229,6 +233,7 @@ class ThresholdPruning:
             "threshold": threshold,
             "pruned_now": pruned,
             **({"aligned": aligned} if aligned else {}),
+            **({"fading": fading} if fading else {}),
             "val_loss": val_loss,
             "val_error": val_error,
             "test_loss": test_loss,

@@ -25,6 +25,10 @@ from .shrink import channel_groups, input_layer
 _OWNING_ROLES = ("out", "dw", "bn")
 INPUT_UNITS = "input features"  # the layer name input units count towards
 AVERAGE_DECAY = 0.99  # of the running mean of sensitivities that neurons are ranked by
+# Shrink rate of the neurons the width alignment phases out, in multiples of lambda: at the
+# default lambda (1e-4) about 0.1 % per step, so a neuron loses most of its norm over a few
+# thousand steps while training moves its work elsewhere.
+FADE_BOOST = 10.0
 
 
 @dataclass
@@ -290,6 +294,10 @@ class SeReNe:
     layer's most sensitive neuron is not shrunk at all and the others in proportion to how
     much less they matter. ``alive`` (set by the pruner) keeps pruned neurons, whose downstream
     weights still carry a gradient, out of the maximum.
+
+    ``fading`` (set by the width alignment, per neuron) marks neurons to be phased out whatever
+    their sensitivity: they shrink at ``FADE_BOOST * lmbda`` per step, so the network learns to
+    do without them before a plateau tries to remove them.
     """
 
     def __init__(self, model: nn.Module, neurons: Neurons, lmbda: float, masks: Masks | None = None, *,
@@ -299,6 +307,7 @@ class SeReNe:
         self.masks = masks
         self.rescale = rescale
         self.alive: torch.Tensor | None = None
+        self.fading: torch.Tensor | None = None
         names = sorted({layer[0] for layer in neurons.layers if layer})
         self._layer = torch.tensor([names.index(layer[0]) if layer else 0 for layer in neurons.layers], dtype=torch.long)
         self._layers = max(len(names), 1)
@@ -326,13 +335,15 @@ class SeReNe:
     def step(self) -> None:
         if self.last is not None:
             sens = self._rescaled(self.last) if self.rescale else self.last
-            insensitivity = (1.0 - sens).clamp_(min=0.0)
+            shrink = self.lmbda * (1.0 - sens).clamp_(min=0.0)
+            if self.fading is not None:
+                shrink = torch.where(self.fading.to(shrink.device), FADE_BOOST * self.lmbda, shrink)
             for _, p, owner in self.neurons.rows:
                 owner = owner.to(p.device)
-                factor = torch.where(owner >= 0, 1.0 - self.lmbda * insensitivity[owner.clamp(min=0)], 1.0)
+                factor = torch.where(owner >= 0, 1.0 - shrink[owner.clamp(min=0)], 1.0)
                 p.mul_(factor.view(-1, *([1] * (p.dim() - 1))))
             for _, p, owner in self.neurons.columns:
-                p.mul_(1.0 - self.lmbda * insensitivity[owner.to(p.device)])
+                p.mul_(1.0 - shrink[owner.to(p.device)])
         if self.masks is not None:
             self.masks.apply()
 
@@ -344,12 +355,15 @@ class SeReNe:
         return sens / largest[layer].clamp_min(torch.finfo(sens.dtype).tiny)
 
     def state_dict(self) -> dict:
-        return {"lmbda": self.lmbda, "average": None if self.average is None else self.average.detach().cpu().clone()}
+        return {"lmbda": self.lmbda, "average": None if self.average is None else self.average.detach().cpu().clone(),
+                "fading": None if self.fading is None else self.fading.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.lmbda = float(state["lmbda"])
         average = state.get("average")
         self.average = None if average is None else average.clone()
+        fading = state.get("fading")
+        self.fading = None if fading is None else fading.clone()
 
 
 class NeuronPruner:
@@ -483,6 +497,17 @@ class NeuronPruner:
             if len(live) > multiple and excess and len(live) - excess >= self.min_width:
                 out.append((float(cost[live].mean()) * excess, name, excess))
         return [(name, excess) for _, name, excess in sorted(out, key=lambda t: -t[0])]
+
+    def excess(self, multiple: int) -> torch.Tensor:
+        """Per neuron: whether it is one of the weakest ``excess`` of a layer listed by
+        :meth:`misaligned`, i.e. what would have to go for that layer to reach a multiple."""
+        self._scores = self.scores()
+        marked = torch.zeros(self.neurons.count, dtype=torch.bool)
+        for layer, count in self.misaligned(multiple):
+            idx = self.neurons.layer_of_each()[layer]
+            live = idx[self.alive[idx]]
+            marked[live[torch.argsort(self._scores[live], stable=True)[:count]]] = True
+        return marked
 
     def rank_layer(self, layer: str, k: int) -> int:
         """Rank only the ``k`` weakest live neurons of ``layer`` (skipping any whose other

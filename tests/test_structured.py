@@ -627,3 +627,54 @@ def test_serene_aligns_widths_once_per_plateau_within_the_searches_bounds(synthe
 def test_width_multiple_must_be_positive() -> None:
     with pytest.raises(CompressError, match="--width-multiple must be >= 1"):
         PruningConfig(width_multiple=0).validate()
+
+
+def test_excess_marks_the_weakest_neurons_above_each_multiple() -> None:
+    _, neurons, pruner = _aligned_setup()
+    norms = pruner.scores()
+    marked = pruner.excess(8)
+    layer = neurons.layer_of_each()
+    assert int(marked[layer["conv1"]].sum()) == 2 and int(marked[layer["conv2"]].sum()) == 3
+    assert not marked[layer["fc"]].any()
+    for name in ("conv1", "conv2"):
+        idx = layer[name]
+        assert norms[idx[marked[idx]]].max() <= norms[idx[~marked[idx]]].min()
+
+
+def test_fading_neurons_shrink_at_the_boosted_rate_whatever_their_sensitivity() -> None:
+    from compressor.structured import FADE_BOOST
+
+    torch.manual_seed(0)
+    model = TinyMLP(bn=False).double()
+    neurons = find_neurons(model, torch.randn(2, 4, dtype=torch.float64))
+    reg = SeReNe(model, neurons, lmbda=1e-2)
+    reg.observe(model(torch.randn(8, 4, dtype=torch.float64)))
+    sens = reg.last.clone()
+    reg.fading = torch.tensor([True, False, False, False, True])
+    before = model.fc1.weight.detach().clone(), model.fc1.bias.detach().clone()
+    reg.step()
+    expected = torch.where(reg.fading, 1 - FADE_BOOST * 1e-2, 1 - 1e-2 * (1 - sens).clamp(min=0))
+    torch.testing.assert_close(model.fc1.weight, before[0] * expected[:, None])
+    torch.testing.assert_close(model.fc1.bias, before[1] * expected)
+    restored = SeReNe(model, neurons, lmbda=1e-2)
+    restored.load_state_dict(reg.state_dict())
+    assert torch.equal(restored.fading, reg.fading)
+
+
+def test_serene_phases_out_what_alignment_could_not_remove(synthetic) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    import models
+
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    # no tolerance at all: nothing can be pruned, so every misaligned layer's excess fades
+    config = PruningConfig(pwe=1, twt=0.0, max_error_increase=0.0, lmbda=1e-2, width_multiple=16, stall_limit=100)
+    plugin = make("serene", config, data.train.x[:2])
+    result = Trainer(model, data, TrainConfig(epochs=8, lr=0.05, batch_size=16), plugin=plugin, progress=False,
+                     log=lambda s: None).fit()
+    fading = plugin.regularizer.fading
+    assert fading is not None and torch.equal(fading, plugin.pruner.excess(16))
+    widths = plugin.pruner.remaining_per_layer()
+    assert widths == {"fc1": 300, "fc2": 100, "input features": 64}
+    assert int(fading.sum()) == 12 + 4  # 300 -> 288, 100 -> 96; the 64 inputs are a multiple of 16
+    assert any(h.get("fading") for h in result.history)

@@ -22,13 +22,16 @@ def _mlp(data) -> nn.Module:
     return models.build("lenet300", data.input_shape, data.num_classes)
 
 
-@pytest.mark.parametrize("method", ["none", "lobster", "sensitivity", "magnitude", "serene", "serene-by-sensitivity"])
+@pytest.mark.parametrize("method", ["none", "lobster", "sensitivity", "magnitude", "serene", "serene-by-sensitivity",
+                                    "serene-width-multiple"])
 def test_resume_continues_exactly(method: str, tmp_path: Path, synthetic) -> None:
     data = synthetic(n=96)
     cfg = dict(lr=0.05, momentum=0.9, batch_size=16, seed=3, weight_decay=1e-3)
     criterion = "sensitivity" if method.endswith("by-sensitivity") else "norm"
-    prune = PruningConfig(pwe=1, lmbda=1e-3, twt=0.5, max_error_increase=0.2, neuron_criterion=criterion)
-    plugin = lambda: make(method.removesuffix("-by-sensitivity"), prune, data.train.x[:2])  # noqa: E731
+    multiple = 16 if method.endswith("width-multiple") else 1
+    prune = PruningConfig(pwe=1, lmbda=1e-3, twt=0.5, max_error_increase=0.2, neuron_criterion=criterion,
+                          width_multiple=multiple)
+    plugin = lambda: make(method.split("-")[0], prune, data.train.x[:2])  # noqa: E731
 
     straight = Trainer(_mlp(data), data, TrainConfig(epochs=10, **cfg), workdir=tmp_path / "a", plugin=plugin(), progress=False, log=lambda s: None)
     straight.fit()
