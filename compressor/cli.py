@@ -110,8 +110,9 @@ def cli() -> None:
                    "channels go before cheap neurons of the same importance (for FLOPs and latency targets).")
 @click.option("--width-multiple", type=click.IntRange(min=1), default=1, show_default=True,
               help="serene: at every plateau also try to bring each layer's width down to a multiple of N (8 for AVX2, "
-                   "16 for AVX-512), pruning its weakest neurons if validation allows: blocked CPU kernels compute a "
-                   "width rounded up to the block, so the last few channels above a multiple cost a whole block.")
+                   "16 for AVX-512), pruning its weakest neurons if validation allows, else shrinking them faster until "
+                   "it does: blocked CPU kernels compute a width rounded up to the block, so the last few channels "
+                   "above a multiple cost a whole block.")
 @click.option("--rescale-sensitivity", is_flag=True,
               help="serene: shrink by sensitivity relative to the most sensitive live neuron of the layer, so the "
                    "regularizer tells neurons apart instead of shrinking all of them alike.")
