@@ -486,9 +486,9 @@ class NeuronPruner:
         neurons would bring each down to the multiple below, most MACs saved first.
 
         Blocked CPU kernels (onnxruntime's NCHWc convolutions: blocks of 8 channels with AVX2,
-        16 with AVX-512) compute a layer at its width rounded up to the block, and only take
-        inputs whose channel count is a whole number of blocks: one channel above a multiple
-        can cost as much as a whole block."""
+        16 with AVX-512) compute a layer at its width rounded up to the block, and fall back to a
+        plain kernel for inputs of more than one block that are not a whole number of blocks:
+        one channel above a multiple can cost as much as a whole block."""
         cost = neuron_macs(self.neurons, self.alive)
         out = []
         for name, idx in self.neurons.layer_of_each().items():
