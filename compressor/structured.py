@@ -437,10 +437,16 @@ class NeuronPruner:
         self._scores = self.scores()
         candidates = torch.nonzero(self.alive).flatten()
         order = candidates[torch.argsort(self._scores[candidates], stable=True)].tolist()
-        # Respect the minimum width: walk the ranking, skip neurons a layer cannot spare.
-        remaining = {name: int(self.alive[idx].sum()) for name, idx in self.neurons.layer_of_each().items()}
+        return self._set_order(order)
+
+    def _set_order(self, order: list[int], limit: int | None = None) -> int:
+        """Make the prefix of ``order`` that no layer's minimum width forbids (at most ``limit``
+        neurons) the ranking :meth:`prune_first` cuts from, and save the parameters to restore."""
+        remaining = self.remaining_per_layer()
         self._order = []
         for n in order:
+            if limit is not None and len(self._order) == limit:
+                break
             layers = self.neurons.layers[n]
             if all(remaining[name] > self.min_width for name in layers):
                 self._order.append(n)
@@ -498,35 +504,26 @@ class NeuronPruner:
                 out.append((float(cost[live].mean()) * excess, name, excess))
         return [(name, excess) for _, name, excess in sorted(out, key=lambda t: -t[0])]
 
+    def _weakest_first(self, layer: str, scores: torch.Tensor) -> torch.Tensor:
+        """The live neurons of ``layer``, weakest by ``scores`` first."""
+        idx = self.neurons.layer_of_each()[layer]
+        live = idx[self.alive[idx]]
+        return live[torch.argsort(scores[live], stable=True)]
+
     def excess(self, multiple: int) -> torch.Tensor:
         """Per neuron: whether it is one of the weakest ``excess`` of a layer listed by
         :meth:`misaligned`, i.e. what would have to go for that layer to reach a multiple."""
-        self._scores = self.scores()
+        scores = self.scores()
         marked = torch.zeros(self.neurons.count, dtype=torch.bool)
         for layer, count in self.misaligned(multiple):
-            idx = self.neurons.layer_of_each()[layer]
-            live = idx[self.alive[idx]]
-            marked[live[torch.argsort(self._scores[live], stable=True)[:count]]] = True
+            marked[self._weakest_first(layer, scores)[:count]] = True
         return marked
 
     def rank_layer(self, layer: str, k: int) -> int:
         """Rank only the ``k`` weakest live neurons of ``layer`` (skipping any whose other
         layers are at their minimum width), for :meth:`prune_first`; returns how many."""
         self._scores = self.scores()
-        idx = self.neurons.layer_of_each()[layer]
-        live = idx[self.alive[idx]]
-        order = live[torch.argsort(self._scores[live], stable=True)].tolist()
-        remaining = self.remaining_per_layer()
-        self._order = []
-        for n in order:
-            if len(self._order) == k:
-                break
-            if all(remaining[name] > self.min_width for name in self.neurons.layers[n]):
-                self._order.append(n)
-                for name in self.neurons.layers[n]:
-                    remaining[name] -= 1
-        self._saved = {name: p.detach().clone() for name, p in self._params().items()}
-        return len(self._order)
+        return self._set_order(self._weakest_first(layer, self._scores).tolist(), limit=k)
 
     def remaining_per_layer(self) -> dict[str, int]:
         return {name: int(self.alive[idx].sum()) for name, idx in self.neurons.layer_of_each().items()}
