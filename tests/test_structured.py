@@ -596,7 +596,7 @@ def test_serene_aligns_widths_once_per_plateau_within_the_searches_bounds(synthe
     torch.manual_seed(0)
     import models
 
-    searches, alignments = [], []
+    searches, alignments, changed_widths = [], [], []
     real_search, real_align = methods.find_threshold, methods.align_widths
 
     def spy_search(pruner, evaluate, *, max_loss, max_error):
@@ -605,7 +605,13 @@ def test_serene_aligns_widths_once_per_plateau_within_the_searches_bounds(synthe
 
     def spy_align(pruner, evaluate, multiple, *, max_loss, max_error):
         alignments.append((len(searches), multiple, max_loss, max_error))
-        return real_align(pruner, evaluate, multiple, max_loss=max_loss, max_error=max_error)
+        before = pruner.remaining_per_layer()
+        pruned = real_align(pruner, evaluate, multiple, max_loss=max_loss, max_error=max_error)
+        after = pruner.remaining_per_layer()
+        changed = {name: w for name, w in after.items() if w != before[name]}
+        assert sum(before.values()) - sum(after.values()) == pruned
+        changed_widths.extend(changed.values())
+        return pruned
 
     monkeypatch.setattr(methods, "find_threshold", spy_search)
     monkeypatch.setattr(methods, "align_widths", spy_align)
@@ -618,10 +624,8 @@ def test_serene_aligns_widths_once_per_plateau_within_the_searches_bounds(synthe
     for plateau, (searches_before, multiple, max_loss, max_error) in enumerate(alignments):
         assert searches_before == plateau + 1 and multiple == 8
         assert (max_loss, max_error) == searches[plateau]
-    aligned = [h for h in result.history if h.get("aligned")]
-    assert aligned, "no plateau aligned any width on an easy problem"
-    for h in aligned:  # what the alignment pruned left that layer at a multiple of 8
-        assert any(w % 8 == 0 for w in h["neurons"].values())
+    assert any(h.get("aligned") for h in result.history), "no plateau aligned any width on an easy problem"
+    assert changed_widths and all(w % 8 == 0 for w in changed_widths)  # every layer it cut now sits on a multiple
 
 
 def test_width_multiple_must_be_positive() -> None:
