@@ -62,9 +62,11 @@ class PruningConfig:
     rescale_sensitivity: bool = False
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
     # Once pruning stops (its own rule or the time/epoch budget), train the selected model this
-    # many more epochs at a tenth of the learning rate, masks fixed and no regularizer, to win
-    # back what the last prunes cost. The budgets do not cover it.
+    # many more epochs at a tenth of the learning rate (or `finetune_lr`), masks fixed and no
+    # regularizer, to win back what the last prunes cost. The budgets do not cover it.
     finetune_epochs: int = 0
+    # After anneals the learning rate can be too small to train anything: a fixed one then.
+    finetune_lr: float | None = None
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -89,6 +91,8 @@ class PruningConfig:
             raise CompressError(f"--anneal-after must be >= 1, got {self.anneal_after}")
         if self.finetune_epochs < 0:
             raise CompressError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
         if self.neuron_criterion not in NEURON_CRITERIA:
             raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
@@ -294,7 +298,7 @@ class ThresholdPruning:
         if isinstance(self.pruner, NeuronPruner):
             self.pruner.alive.copy_(self.pruner.alive_from_masks())
         for group in self.optimizer.param_groups:
-            group["lr"] *= 0.1
+            group["lr"] = group["lr"] * 0.1 if self.config.finetune_lr is None else self.config.finetune_lr
         self.optimizer.state.clear()  # momentum gathered on the pruned-further model
         self.finetune_left = self.config.finetune_epochs
         self.stop_reason = reason

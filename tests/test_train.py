@@ -218,6 +218,25 @@ def test_finetuning_survives_a_resume(synthetic, tmp_path) -> None:
     assert sum(1 for h in second.history if h.get("finetune")) == 4
 
 
-def test_negative_finetune_epochs_are_refused() -> None:
-    with pytest.raises(CompressError, match="--finetune-epochs must be >= 0"):
-        PruningConfig(finetune_epochs=-1).validate()
+def test_finetuning_at_a_given_learning_rate(synthetic, tmp_path) -> None:
+    """Anneals can leave the learning rate too small to train: --finetune-lr sets it outright."""
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=2, finetune_lr=0.03,
+                           stall_limit=1000)
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=4, lr=0.05, batch_size=16), plugin=make("lobster", config),
+                      progress=False, log=lambda s: None, workdir=tmp_path)
+    trainer.fit()
+    finetune = [h for h in trainer.history if h.get("finetune")]
+    assert len(finetune) == 2 and all(h["lr"] == pytest.approx(0.03) for h in finetune)
+    assert all(h["lr"] == pytest.approx(0.05) for h in trainer.history if not h.get("finetune"))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("finetune_epochs", -1, "--finetune-epochs must be >= 0"),
+    ("finetune_lr", 0.0, "--finetune-lr must be > 0"),
+    ("finetune_lr", float("nan"), "--finetune-lr must be > 0"),
+], ids=["negative-epochs", "zero-lr", "nan-lr"])
+def test_bad_finetune_settings_are_refused(field: str, value: float, message: str) -> None:
+    with pytest.raises(CompressError, match=message):
+        PruningConfig(**{field: value}).validate()
