@@ -131,8 +131,8 @@ def main() -> None:
     ap.add_argument("--prune-inputs", action="store_true", help="serene: input features are units too")
     ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity", "both"])
     ap.add_argument("--finetune-epochs", type=int, default=0,
-                    help="after pruning stops (or --minutes is up): epochs of fine-tuning at lr/10, masks fixed")
-    ap.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr instead of lr/10")
+                    help="after pruning stops (or --minutes is up): epochs of fine-tuning, masks fixed")
+    ap.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: --lr / 10)")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
     ap.add_argument("--width-multiple", type=int, default=1,
                     help="serene: also try to bring layer widths down to multiples of N at each plateau")

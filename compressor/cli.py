@@ -100,10 +100,10 @@ def cli() -> None:
               help="Stop after this many plateaus in a row that pruned nothing (after any --anneals).")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Once pruning stops (its own rule or the --epochs/time budget), train the selected model this many "
-                   "more epochs at a tenth of the learning rate with the pruned entries fixed at zero.")
+                   "more epochs at --finetune-lr with the pruned entries fixed at zero.")
 @click.option("--finetune-lr", type=float, default=None,
-              help="With --finetune-epochs: this learning rate instead of a tenth of the current one (which anneals "
-                   "may have made too small to train).")
+              help="The fine-tuning learning rate [default: a tenth of --lr; not of the current rate, which anneals "
+                   "may have made too small to train].")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
 @click.option("--neuron-criterion", type=click.Choice(list(NEURON_CRITERIA)), default="norm", show_default=True,
               help="serene: prune the neurons with the smallest parameter norm, the smallest sensitivity (favours "

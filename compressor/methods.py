@@ -62,10 +62,11 @@ class PruningConfig:
     rescale_sensitivity: bool = False
     prune_inputs: bool = True         # serene: input features are units too, where the input goes into a Linear
     # Once pruning stops (its own rule or the time/epoch budget), train the selected model this
-    # many more epochs at a tenth of the learning rate (or `finetune_lr`), masks fixed and no
-    # regularizer, to win back what the last prunes cost. The budgets do not cover it.
+    # many more epochs, masks fixed and no regularizer, to win back what the last prunes cost.
+    # The budgets do not cover it.
     finetune_epochs: int = 0
-    # After anneals the learning rate can be too small to train anything: a fixed one then.
+    # Default: a tenth of the run's starting learning rate, not of the current one, which
+    # anneals and the plateau schedule may have made too small to train anything.
     finetune_lr: float | None = None
 
     def validate(self) -> None:
@@ -298,7 +299,7 @@ class ThresholdPruning:
         if isinstance(self.pruner, NeuronPruner):
             self.pruner.alive.copy_(self.pruner.alive_from_masks())
         for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * 0.1 if self.config.finetune_lr is None else self.config.finetune_lr
+            group["lr"] = 0.1 * trainer.config.lr if self.config.finetune_lr is None else self.config.finetune_lr
         self.optimizer.state.clear()  # momentum gathered on the pruned-further model
         self.finetune_left = self.config.finetune_epochs
         self.stop_reason = reason

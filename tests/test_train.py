@@ -182,7 +182,7 @@ def test_finetuning_trains_the_selected_model_with_its_zeros_fixed(budget: str, 
     selected_before = max((h for h in pruning if h.get("best")), key=lambda h: h["epoch"], default=None)
     start_sparsity = selected_before["sparsity"] if selected_before else 0.0
     assert all(h["sparsity"] == pytest.approx(start_sparsity) for h in finetune)
-    assert all(h["lr"] == pytest.approx(0.1 * pruning[-1]["lr"]) for h in finetune)
+    assert all(h["lr"] == pytest.approx(0.1 * train.lr) for h in finetune)
     assert all(h["threshold"] is None for h in finetune), "no pruning while fine-tuning"
     assert any("fine-tuning the selected model" in line for line in logged)
     # The zeros of the selected model stayed zero through the fine-tuning steps.
@@ -218,18 +218,29 @@ def test_finetuning_survives_a_resume(synthetic, tmp_path) -> None:
     assert sum(1 for h in second.history if h.get("finetune")) == 4
 
 
-def test_finetuning_at_a_given_learning_rate(synthetic, tmp_path) -> None:
-    """Anneals can leave the learning rate too small to train: --finetune-lr sets it outright."""
+@pytest.mark.parametrize("finetune_lr, expected", [(None, 0.005), (0.03, 0.03)], ids=["default-tenth-of-start", "given"])
+def test_finetuning_learning_rate_does_not_follow_anneals(finetune_lr, expected, synthetic, tmp_path) -> None:
+    """Anneals can leave the learning rate far too small to train: fine-tuning starts from a
+    tenth of the starting rate, or from --finetune-lr."""
     data = synthetic(n=96)
     torch.manual_seed(0)
-    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=2, finetune_lr=0.03,
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=2, finetune_lr=finetune_lr,
                            stall_limit=1000)
-    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=4, lr=0.05, batch_size=16), plugin=make("lobster", config),
+    plugin = make("lobster", config)
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=4, lr=0.05, batch_size=16), plugin=plugin,
                       progress=False, log=lambda s: None, workdir=tmp_path)
+    real = plugin.on_epoch_end
+
+    def annealed(trainer, metrics):  # as if two anneals had happened during pruning
+        if not plugin.finishing:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = 0.05 * 0.01
+        return real(trainer, metrics)
+
+    plugin.on_epoch_end = annealed
     trainer.fit()
     finetune = [h for h in trainer.history if h.get("finetune")]
-    assert len(finetune) == 2 and all(h["lr"] == pytest.approx(0.03) for h in finetune)
-    assert all(h["lr"] == pytest.approx(0.05) for h in trainer.history if not h.get("finetune"))
+    assert len(finetune) == 2 and all(h["lr"] == pytest.approx(expected) for h in finetune)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
