@@ -92,8 +92,8 @@ class PruningConfig:
             raise CompressError(f"--anneal-after must be >= 1, got {self.anneal_after}")
         if self.finetune_epochs < 0:
             raise CompressError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
-        if self.finetune_lr is not None and not self.finetune_lr > 0:
-            raise CompressError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
+        if self.finetune_lr is not None and not (0 < self.finetune_lr < math.inf):
+            raise CompressError(f"--finetune-lr must be a positive number, got {self.finetune_lr}")
         if self.neuron_criterion not in NEURON_CRITERIA:
             raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
@@ -301,6 +301,10 @@ class ThresholdPruning:
         for group in self.optimizer.param_groups:
             group["lr"] = 0.1 * trainer.config.lr if self.config.finetune_lr is None else self.config.finetune_lr
         self.optimizer.state.clear()  # momentum gathered on the pruned-further model
+        scheduler = getattr(trainer, "scheduler", None)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Judge the fine-tuning by its own epochs, not the pruning's last stretch of bad ones.
+            scheduler.best, scheduler.num_bad_epochs, scheduler.cooldown_counter = math.inf, 0, 0
         self.finetune_left = self.config.finetune_epochs
         self.stop_reason = reason
         trainer.log(f"{reason}: fine-tuning the selected model (epoch {trainer.best_epoch}) for "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -221,14 +222,14 @@ def test_finetuning_survives_a_resume(synthetic, tmp_path) -> None:
 @pytest.mark.parametrize("finetune_lr, expected", [(None, 0.005), (0.03, 0.03)], ids=["default-tenth-of-start", "given"])
 def test_finetuning_learning_rate_does_not_follow_anneals(finetune_lr, expected, synthetic, tmp_path) -> None:
     """Anneals can leave the learning rate far too small to train: fine-tuning starts from a
-    tenth of the starting rate, or from --finetune-lr."""
+    tenth of the starting rate, or from --finetune-lr, and the plateau schedule starts afresh."""
     data = synthetic(n=96)
     torch.manual_seed(0)
     config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=2, finetune_lr=finetune_lr,
                            stall_limit=1000)
     plugin = make("lobster", config)
-    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=4, lr=0.05, batch_size=16), plugin=plugin,
-                      progress=False, log=lambda s: None, workdir=tmp_path)
+    train = TrainConfig(epochs=4, lr=0.05, batch_size=16, lr_schedule="plateau", plateau_patience=1)
+    trainer = Trainer(_mlp(data), data, train, plugin=plugin, progress=False, log=lambda s: None, workdir=tmp_path)
     real = plugin.on_epoch_end
 
     def annealed(trainer, metrics):  # as if two anneals had happened during pruning
@@ -238,16 +239,25 @@ def test_finetuning_learning_rate_does_not_follow_anneals(finetune_lr, expected,
         return real(trainer, metrics)
 
     plugin.on_epoch_end = annealed
+    real_stop = plugin.before_stop
+
+    def after_a_bad_stretch(trainer, reason):  # the plateau schedule was about to cut the rate again
+        trainer.scheduler.best, trainer.scheduler.num_bad_epochs = -math.inf, 10
+        return real_stop(trainer, reason)
+
+    plugin.before_stop = after_a_bad_stretch
     trainer.fit()
     finetune = [h for h in trainer.history if h.get("finetune")]
+    # both fine-tuning epochs at that rate: the schedule judged the first on its own
     assert len(finetune) == 2 and all(h["lr"] == pytest.approx(expected) for h in finetune)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("finetune_epochs", -1, "--finetune-epochs must be >= 0"),
-    ("finetune_lr", 0.0, "--finetune-lr must be > 0"),
-    ("finetune_lr", float("nan"), "--finetune-lr must be > 0"),
-], ids=["negative-epochs", "zero-lr", "nan-lr"])
+    ("finetune_lr", 0.0, "--finetune-lr must be a positive number"),
+    ("finetune_lr", float("nan"), "--finetune-lr must be a positive number"),
+    ("finetune_lr", float("inf"), "--finetune-lr must be a positive number"),
+], ids=["negative-epochs", "zero-lr", "nan-lr", "infinite-lr"])
 def test_bad_finetune_settings_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(CompressError, match=message):
         PruningConfig(**{field: value}).validate()
