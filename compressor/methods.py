@@ -301,10 +301,7 @@ class ThresholdPruning:
         for group in self.optimizer.param_groups:
             group["lr"] = 0.1 * trainer.config.lr if self.config.finetune_lr is None else self.config.finetune_lr
         self.optimizer.state.clear()  # momentum gathered on the pruned-further model
-        scheduler = getattr(trainer, "scheduler", None)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            # Judge the fine-tuning by its own epochs, not the pruning's last stretch of bad ones.
-            scheduler.best, scheduler.num_bad_epochs, scheduler.cooldown_counter = math.inf, 0, 0
+        trainer.restart_lr_plateau()  # judge the fine-tuning by its own epochs, not the pruning's last bad ones
         self.finetune_left = self.config.finetune_epochs
         self.stop_reason = reason
         trainer.log(f"{reason}: fine-tuning the selected model (epoch {trainer.best_epoch}) for "

@@ -218,6 +218,11 @@ class Trainer:
             return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.config.epochs))
         return None
 
+    def restart_lr_plateau(self, best: float = math.inf) -> None:
+        """Make the plateau schedule (if any) judge the coming epochs against ``best`` only."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.best, self.scheduler.num_bad_epochs, self.scheduler.cooldown_counter = best, 0, 0
+
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self, split: Split) -> tuple[float, float]:
         return evaluate(self.model, split, batch_size=self.config.eval_batch_size, device=self.device)
@@ -406,9 +411,8 @@ class Trainer:
         restart_plateau = extra.pop("restart_lr_plateau", False)
         metrics.update(extra)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if restart_plateau:
-                # The model just changed (pruned): judge later epochs against it.
-                self.scheduler.best, self.scheduler.num_bad_epochs = metrics["val_loss"], 0
+            if restart_plateau:  # the model just changed (pruned): judge later epochs against it
+                self.restart_lr_plateau(metrics["val_loss"])
             else:
                 self.scheduler.step(metrics["val_loss"])
         elif self.scheduler is not None:
