@@ -70,13 +70,15 @@ def load_safely(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # Only a reference to a class or function (a pickle GLOBAL) needs full unpickling;
+        # any other refusal ("Unsupported operand ...") means the bytes are no torch file.
+        if "Unsupported global" in str(exc):
             raise UnsafePickleError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module), which can run "
                 "arbitrary code when loaded; pass --allow-unsafe-pickle only if you trust the file, "
                 "or save {'arch', 'state_dict'} instead"
             ) from exc
-        raise CompressError(f"{path} is corrupt or not a PyTorch file ({_first_line(exc)})") from exc
+        raise CompressError(f"{path} is corrupt or not a PyTorch file (no torch.save pickle stream)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CompressError(f"{path} is corrupt or not a PyTorch file ({_first_line(exc)})") from exc
 

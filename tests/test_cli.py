@@ -118,6 +118,8 @@ def test_pickled_module_needs_the_explicit_flag(run_cli, tmp_path: Path) -> None
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     corrupt = tmp / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    text = tmp / "notes.pt"
+    text.write_text("garbage, not a checkpoint")  # read as a pickle stream, it has unknown opcodes
     bare = tmp / "bare.pt"
     torch.save(models.build("lenet300", (1, 8, 8), 10).state_dict(), bare)
     wrong_shape = tmp / "mnist_shaped.pt"
@@ -132,6 +134,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["resnet1000"], "unknown model"),
         ([str(tmp / "missing.pt")], "no such file"),
         ([str(corrupt)], "corrupt"),
+        ([str(text)], "notes.pt is corrupt or not a PyTorch file"),
         ([str(bare)], "bare state_dict"),
         ([str(wrong_shape)], "was made for input"),
         ([str(digits_ckpt), "--data", f"npz:{npz3}"], "classes"),
@@ -147,8 +150,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
 
 @pytest.mark.parametrize(
     "case",
-    range(13),
-    ids=["unknown-model", "missing-file", "corrupt-file", "bare-state-dict", "shape-mismatch", "class-mismatch",
+    range(14),
+    ids=["unknown-model", "missing-file", "corrupt-file", "text-file", "bare-state-dict", "shape-mismatch", "class-mismatch",
          "model-too-small-for-data", "unknown-dataset", "malformed-data-spec", "missing-npz", "negative-lr",
          "shift-on-flat-features", "shift-larger-than-image"],
 )
