@@ -68,6 +68,9 @@ class PruningConfig:
     # Default: a tenth of the run's starting learning rate, not of the current one, which
     # anneals and the plateau schedule may have made too small to train anything.
     finetune_lr: float | None = None
+    # Default: the training momentum. The papers' pruning recipe is plain SGD; a fine-tuning
+    # phase that only trains a fixed sparse network can take the heavy-ball recipe instead.
+    finetune_momentum: float | None = None
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -94,6 +97,8 @@ class PruningConfig:
             raise CompressError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.finetune_lr is not None and not (0 < self.finetune_lr < math.inf):
             raise CompressError(f"--finetune-lr must be a positive number, got {self.finetune_lr}")
+        if self.finetune_momentum is not None and not (0 <= self.finetune_momentum < 1):
+            raise CompressError(f"--finetune-momentum must be in [0, 1), got {self.finetune_momentum}")
         if self.neuron_criterion not in NEURON_CRITERIA:
             raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
@@ -300,12 +305,15 @@ class ThresholdPruning:
             self.pruner.alive.copy_(self.pruner.alive_from_masks())
         for group in self.optimizer.param_groups:
             group["lr"] = 0.1 * trainer.config.lr if self.config.finetune_lr is None else self.config.finetune_lr
+            if self.config.finetune_momentum is not None:
+                group["momentum"] = self.config.finetune_momentum
         self.optimizer.state.clear()  # momentum gathered on the pruned-further model
         trainer.restart_lr_plateau()  # judge the fine-tuning by its own epochs, not the pruning's last bad ones
         self.finetune_left = self.config.finetune_epochs
         self.stop_reason = reason
         trainer.log(f"{reason}: fine-tuning the selected model (epoch {trainer.best_epoch}) for "
-                    f"{self.config.finetune_epochs} epochs at lr {self.optimizer.param_groups[0]['lr']:.3g}")
+                    f"{self.config.finetune_epochs} epochs at lr {self.optimizer.param_groups[0]['lr']:.3g}, "
+                    f"momentum {self.optimizer.param_groups[0].get('momentum', 0):.3g}")
         return True
 
     def should_stop(self) -> str | None:

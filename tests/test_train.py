@@ -252,12 +252,42 @@ def test_finetuning_learning_rate_does_not_follow_anneals(finetune_lr, expected,
     assert len(finetune) == 2 and all(h["lr"] == pytest.approx(expected) for h in finetune)
 
 
+@pytest.mark.parametrize("finetune_momentum, expected", [(None, 0.0), (0.9, 0.9)], ids=["default-training-momentum", "given"])
+def test_finetuning_momentum(finetune_momentum, expected, synthetic, tmp_path) -> None:
+    """Pruning with plain SGD (the papers' recipe); fine-tuning may switch to heavy-ball SGD."""
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=2,
+                           finetune_momentum=finetune_momentum, stall_limit=1000)
+    plugin = make("lobster", config)
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=3, lr=0.05, momentum=0.0, batch_size=16), plugin=plugin,
+                      progress=False, log=lambda s: None, workdir=tmp_path)
+    momenta = []
+    real = plugin.on_epoch_end
+
+    def record(trainer, metrics):
+        momenta.append((plugin.finishing, trainer.optimizer.param_groups[0]["momentum"]))
+        return real(trainer, metrics)
+
+    plugin.on_epoch_end = record
+    trainer.fit()
+    assert [m for finishing, m in momenta if not finishing] == [0.0] * 3
+    assert [m for finishing, m in momenta if finishing] == [expected] * 2
+    buffers = [trainer.optimizer.state[p].get("momentum_buffer") for p in trainer.model.parameters()]
+    assert all((b is not None) == (expected > 0) for b in buffers)
+    # The switch is in the optimizer's own state, so a resumed fine-tuning keeps it.
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["momentum"] == expected
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
+    ("finetune_momentum", 1.0, "--finetune-momentum must be in"),
+    ("finetune_momentum", -0.1, "--finetune-momentum must be in"),
+    ("finetune_momentum", float("nan"), "--finetune-momentum must be in"),
     ("finetune_epochs", -1, "--finetune-epochs must be >= 0"),
     ("finetune_lr", 0.0, "--finetune-lr must be a positive number"),
     ("finetune_lr", float("nan"), "--finetune-lr must be a positive number"),
     ("finetune_lr", float("inf"), "--finetune-lr must be a positive number"),
-], ids=["negative-epochs", "zero-lr", "nan-lr", "infinite-lr"])
+], ids=["momentum-one", "negative-momentum", "nan-momentum", "negative-epochs", "zero-lr", "nan-lr", "infinite-lr"])
 def test_bad_finetune_settings_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(CompressError, match=message):
         PruningConfig(**{field: value}).validate()
