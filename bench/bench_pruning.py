@@ -134,6 +134,7 @@ def main() -> None:
                     help="after pruning stops (or --minutes is up): epochs of fine-tuning, masks fixed")
     ap.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: --lr / 10)")
     ap.add_argument("--finetune-momentum", type=float, default=None, help="fine-tuning momentum (default: --momentum)")
+    ap.add_argument("--finetune-schedule", default="plateau", choices=["plateau", "cosine"], help="fine-tuning lr schedule")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
     ap.add_argument("--width-multiple", type=int, default=1,
                     help="serene: also try to bring layer widths down to multiples of N at each plateau")
@@ -169,7 +170,7 @@ def main() -> None:
                             device="cpu", max_seconds=60 * args.minutes)
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
-                              finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_momentum=args.finetune_momentum,
+                              finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_momentum=args.finetune_momentum, finetune_schedule=args.finetune_schedule,
                               neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity,
                               rank_per_mac=args.rank_per_mac, width_multiple=args.width_multiple)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")

@@ -16,7 +16,7 @@ import click
 from exporters import report as reporting
 
 from .errors import CompressError
-from .methods import NEURON_CRITERIA
+from .methods import FINETUNE_SCHEDULES, NEURON_CRITERIA
 from .train import LR_SCHEDULES, TrainConfig
 
 METHODS = ("lobster", "serene", "sensitivity", "magnitude", "none")
@@ -106,6 +106,9 @@ def cli() -> None:
                    "may have made too small to train].")
 @click.option("--finetune-momentum", type=float, default=None,
               help="The fine-tuning momentum [default: --momentum].")
+@click.option("--finetune-schedule", type=click.Choice(list(FINETUNE_SCHEDULES)), default="plateau", show_default=True,
+              help="The fine-tuning learning-rate schedule: the run's plateau schedule, restarted, or cosine from "
+                   "--finetune-lr down to zero over the fine-tuning epochs.")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
 @click.option("--neuron-criterion", type=click.Choice(list(NEURON_CRITERIA)), default="norm", show_default=True,
               help="serene: prune the neurons with the smallest parameter norm, the smallest sensitivity (favours "
@@ -144,7 +147,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, finetune_lr: float | None, finetune_momentum: float | None, min_width: int, neuron_criterion: str, rank_per_mac: bool, width_multiple: int, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
+                anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, finetune_lr: float | None, finetune_momentum: float | None, finetune_schedule: str, min_width: int, neuron_criterion: str, rank_per_mac: bool, width_multiple: int, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     from .methods import PruningConfig
@@ -154,7 +157,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
     pruning = PruningConfig(lmbda=lmbda, pwe=pwe, twt=twt, max_error_increase=max_error_increase,
                             target_sparsity=target_sparsity, exact=exact_sensitivity,
                             anneals=recipe.get("anneals", 0) if anneals is None else anneals,
-                            anneal_after=anneal_after, stall_limit=stall_limit, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, finetune_momentum=finetune_momentum, min_width=min_width, neuron_criterion=neuron_criterion, rank_per_mac=rank_per_mac,
+                            anneal_after=anneal_after, stall_limit=stall_limit, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, finetune_momentum=finetune_momentum, finetune_schedule=finetune_schedule, min_width=min_width, neuron_criterion=neuron_criterion, rank_per_mac=rank_per_mac,
                             width_multiple=width_multiple, rescale_sensitivity=rescale_sensitivity,
                             prune_inputs=not keep_inputs)
     config = TrainConfig(

@@ -27,6 +27,7 @@ from .thresholding import EntryPruner, PlateauDetector, Pruner, align_widths, fi
 
 UNSTRUCTURED = ("lobster", "sensitivity", "magnitude")
 NEURON_CRITERIA = ("norm", "sensitivity", "both")
+FINETUNE_SCHEDULES = ("plateau", "cosine")
 STRUCTURED = ("serene",)
 METHODS = UNSTRUCTURED + STRUCTURED
 
@@ -71,6 +72,10 @@ class PruningConfig:
     # Default: the training momentum. The papers' pruning recipe is plain SGD; a fine-tuning
     # phase that only trains a fixed sparse network can take the heavy-ball recipe instead.
     finetune_momentum: float | None = None
+    # "plateau": the run's own learning-rate schedule, restarted; "cosine": from the fine-tuning
+    # lr down to zero over the fine-tuning epochs, so that the last epochs, not a noisy one
+    # among them, are what validation picks from.
+    finetune_schedule: str = "plateau"
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -99,6 +104,8 @@ class PruningConfig:
             raise CompressError(f"--finetune-lr must be a positive number, got {self.finetune_lr}")
         if self.finetune_momentum is not None and not (0 <= self.finetune_momentum < 1):
             raise CompressError(f"--finetune-momentum must be in [0, 1), got {self.finetune_momentum}")
+        if self.finetune_schedule not in FINETUNE_SCHEDULES:
+            raise CompressError(f"--finetune-schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {self.finetune_schedule!r}")
         if self.neuron_criterion not in NEURON_CRITERIA:
             raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
@@ -192,6 +199,12 @@ class ThresholdPruning:
         if self.finishing:
             self.finetune_left -= 1
             extra["finetune"] = True
+            if self.config.finetune_schedule == "cosine":
+                done = self.config.finetune_epochs - self.finetune_left
+                lr = self._finetune_lr(trainer) * 0.5 * (1 + math.cos(math.pi * done / self.config.finetune_epochs))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                extra["restart_lr_plateau"] = True  # this schedule alone sets the rate
         elif self.detector.update(metrics["val_loss"], self.model):
             t0 = time.perf_counter()
             extra.update(self._prune(trainer))
@@ -304,7 +317,7 @@ class ThresholdPruning:
         if isinstance(self.pruner, NeuronPruner):
             self.pruner.alive.copy_(self.pruner.alive_from_masks())
         for group in self.optimizer.param_groups:
-            group["lr"] = 0.1 * trainer.config.lr if self.config.finetune_lr is None else self.config.finetune_lr
+            group["lr"] = self._finetune_lr(trainer)
             if self.config.finetune_momentum is not None:
                 group["momentum"] = self.config.finetune_momentum
         self.optimizer.state.clear()  # momentum gathered on the pruned-further model
@@ -313,8 +326,13 @@ class ThresholdPruning:
         self.stop_reason = reason
         trainer.log(f"{reason}: fine-tuning the selected model (epoch {trainer.best_epoch}) for "
                     f"{self.config.finetune_epochs} epochs at lr {self.optimizer.param_groups[0]['lr']:.3g}, "
-                    f"momentum {self.optimizer.param_groups[0].get('momentum', 0):.3g}")
+                    f"momentum {self.optimizer.param_groups[0].get('momentum', 0):.3g}"
+                    + (", cosine to 0" if self.config.finetune_schedule == "cosine" else ""))
         return True
+
+    def _finetune_lr(self, trainer: Any) -> float:
+        """The learning rate fine-tuning starts at."""
+        return 0.1 * trainer.config.lr if self.config.finetune_lr is None else self.config.finetune_lr
 
     def should_stop(self) -> str | None:
         if self.finishing:

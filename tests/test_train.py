@@ -279,7 +279,42 @@ def test_finetuning_momentum(finetune_momentum, expected, synthetic, tmp_path) -
     assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["momentum"] == expected
 
 
+def test_cosine_finetuning_anneals_to_zero_and_survives_a_resume(synthetic, tmp_path) -> None:
+    data = synthetic(n=96)
+    epochs, lr0 = 4, 0.02
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=epochs, finetune_lr=lr0,
+                           finetune_schedule="cosine", stall_limit=1000)
+    train = TrainConfig(epochs=3, lr=0.05, batch_size=16, lr_schedule="plateau", plateau_patience=0)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(_mlp(data), data, train, plugin=make("lobster", config), progress=False, log=lambda s: None,
+                       workdir=tmp_path)
+
+    first = trainer()
+    plugin, real = first.plugin, first.plugin.on_epoch_end
+
+    def stop_midway(trainer, metrics):
+        extra = real(trainer, metrics)
+        if plugin.finetune_left == 2:
+            raise KeyboardInterrupt
+        return extra
+
+    plugin.on_epoch_end = stop_midway
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    second = trainer()
+    assert second.resume()
+    second.fit()
+    finetune = [h["lr"] for h in second.history if h.get("finetune")]
+    # cos(pi * k / 4) for k = 0..3; the plateau schedule (patience 0) cut none of them
+    expected = [lr0 * 0.5 * (1 + math.cos(math.pi * k / epochs)) for k in range(epochs)]
+    assert finetune == pytest.approx(expected)
+    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
+    ("finetune_schedule", "step", "--finetune-schedule must be one of plateau, cosine"),
     ("finetune_momentum", 1.0, "--finetune-momentum must be in"),
     ("finetune_momentum", -0.1, "--finetune-momentum must be in"),
     ("finetune_momentum", float("nan"), "--finetune-momentum must be in"),
@@ -287,7 +322,7 @@ def test_finetuning_momentum(finetune_momentum, expected, synthetic, tmp_path) -
     ("finetune_lr", 0.0, "--finetune-lr must be a positive number"),
     ("finetune_lr", float("nan"), "--finetune-lr must be a positive number"),
     ("finetune_lr", float("inf"), "--finetune-lr must be a positive number"),
-], ids=["momentum-one", "negative-momentum", "nan-momentum", "negative-epochs", "zero-lr", "nan-lr", "infinite-lr"])
+], ids=["unknown-schedule", "momentum-one", "negative-momentum", "nan-momentum", "negative-epochs", "zero-lr", "nan-lr", "infinite-lr"])
 def test_bad_finetune_settings_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(CompressError, match=message):
         PruningConfig(**{field: value}).validate()
