@@ -28,7 +28,7 @@ from compressor import checkpoint  # noqa: E402
 from compressor.cli import default_recipe  # noqa: E402
 from compressor.data import load_dataset  # noqa: E402
 from compressor.masks import prunable_parameters  # noqa: E402
-from compressor.methods import PruningConfig, make  # noqa: E402
+from compressor.methods import FINETUNE_SCHEDULES, PruningConfig, make  # noqa: E402
 from compressor.train import Trainer, TrainConfig, evaluate  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
@@ -134,7 +134,7 @@ def main() -> None:
                     help="after pruning stops (or --minutes is up): epochs of fine-tuning, masks fixed")
     ap.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: --lr / 10)")
     ap.add_argument("--finetune-momentum", type=float, default=None, help="fine-tuning momentum (default: --momentum)")
-    ap.add_argument("--finetune-schedule", default="plateau", choices=["plateau", "cosine"], help="fine-tuning lr schedule")
+    ap.add_argument("--finetune-schedule", default="plateau", choices=FINETUNE_SCHEDULES, help="fine-tuning lr schedule")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
     ap.add_argument("--width-multiple", type=int, default=1,
                     help="serene: also try to bring layer widths down to multiples of N at each plateau")
