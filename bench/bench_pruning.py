@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from compressor.cli import default_recipe  # noqa: E402
 from compressor.data import load_dataset  # noqa: E402
 from compressor.masks import prunable_parameters  # noqa: E402
 from compressor.methods import FINETUNE_SCHEDULES, PruningConfig, make  # noqa: E402
-from compressor.train import Trainer, TrainConfig, evaluate  # noqa: E402
+from compressor.train import PRUNED_STATE, Trainer, TrainConfig, evaluate  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
 ROUND_TO = 8  # the deployment metrics are also measured with widths rounded up to this
@@ -149,6 +150,9 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run of the same name from its workdir for another --minutes (wall times add up)")
+    ap.add_argument("--finetune-from", type=Path, default=None,
+                    help="the workdir of an earlier run: fine-tune anew from its pruned.pt, with this run's --finetune-* "
+                         "settings, under this run's --tag (its pruning time is counted)")
     ap.add_argument("--deploy-only", action="store_true",
                     help="recompute only the deployment metrics of a finished run, from its workdir's best.pt")
     args = ap.parse_args()
@@ -181,7 +185,16 @@ def main() -> None:
     trainer = Trainer(model, data, train_cfg, workdir=args.out_dir / f"{name}.work", plugin=plugin, progress=False,
                       log=lambda s: print(s, file=log))
     earlier_wall, command = 0.0, "python bench/bench_pruning.py " + " ".join(sys.argv[1:])
-    if args.resume:
+    if args.finetune_from is not None:
+        source = args.finetune_from / PRUNED_STATE
+        if not source.is_file():
+            sys.exit(f"--finetune-from: no {source}")
+        trainer.workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, trainer.workdir / PRUNED_STATE)
+        trainer.finetune_again()
+        earlier_wall = sum(h["seconds"] for h in trainer.history)  # the pruning epochs' own times
+        command = f"(pruning in {args.finetune_from}: {trainer.epoch} epochs, {earlier_wall / 60:.1f} min) ; then " + command
+    elif args.resume:
         if not trainer.resume():
             sys.exit(f"--resume: nothing to resume in {args.out_dir / f'{name}.work'}")
         if out.exists():

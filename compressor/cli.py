@@ -71,6 +71,9 @@ def cli() -> None:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where checkpoints go (last.pt every epoch, best.pt). Default: OUT's name + .work/")
 @click.option("--resume", is_flag=True, help="Continue from WORKDIR/last.pt.")
+@click.option("--finetune-again", is_flag=True,
+              help="Go back to WORKDIR/pruned.pt (kept when fine-tuning began) and fine-tune anew with the "
+                   "--finetune-* options given now; the pruning is not repeated.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Report path. Default: OUT with .report.json (and .report.md, .report.html beside it).")
 @click.option("--save-checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -144,12 +147,14 @@ def cli() -> None:
 @click.pass_context
 def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out: Path, epochs: int | None, lr: float, momentum: float,
                 nesterov: bool, weight_decay: float, batch_size: int, lr_schedule: str, lr_patience: int, seed: int, shift: int,
-                val_fraction: float, device: str, workdir: Path | None, resume: bool, report_path: Path | None,
+                val_fraction: float, device: str, workdir: Path | None, resume: bool, finetune_again: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
                 anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, finetune_lr: float | None, finetune_momentum: float | None, finetune_schedule: str, min_width: int, neuron_criterion: str, rank_per_mac: bool, width_multiple: int, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
+    if resume and finetune_again:
+        raise click.UsageError("--resume continues a run, --finetune-again redoes its fine-tuning: choose one")
     from .methods import PruningConfig
     from .pipeline import Job, run  # heavy imports only when there is work to do
 
@@ -174,7 +179,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
         device=device,
     )
     job = Job(model=model, out=out, method=method, data=data_spec, train=config, pruning=pruning, epochs_given=epochs is not None,
-              val_fraction=val_fraction, workdir=workdir, resume=resume, report=report_path, baseline_report=baseline_report,
+              val_fraction=val_fraction, workdir=workdir, resume=resume, finetune_again=finetune_again, report=report_path, baseline_report=baseline_report,
               save_checkpoint=save_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle, opset=opset,
               physical_removal=not no_physical_removal, fuse_bn=fuse_bn, round_channels=round_channels, encoding=encoding, runtime_sparse=runtime_sparse,
               progress=not quiet and sys.stderr.isatty(), command=_command_line(ctx))

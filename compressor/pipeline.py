@@ -43,6 +43,7 @@ class Job:
     val_fraction: float = 0.1
     workdir: Path | None = None
     resume: bool = False
+    finetune_again: bool = False
     report: Path | None = None
     baseline_report: Path | None = None
     save_checkpoint: Path | None = None
@@ -106,9 +107,11 @@ def _run(job: Job, log: Callable[[str], None]) -> dict[str, Any] | None:
     plugin = make_method(job.method, job.pruning, example_input=data.train.x[:2])
     trainer = Trainer(loaded.model, data, config, workdir=job.work_path(), plugin=plugin, progress=job.progress, log=log)
     result = None
-    if job.resume and not trainer.resume():
+    if job.finetune_again:
+        trainer.finetune_again()
+    elif job.resume and not trainer.resume():
         log(f"--resume: nothing to resume in {job.work_path()}, starting from scratch")
-    if config.epochs > trainer.epoch:
+    if config.epochs > trainer.epoch or trainer.finishing:  # fine-tuning runs past the epoch budget
         result = trainer.fit()
         trainer.model.load_state_dict(result.best_state)
         log(f"kept the epoch-{result.best_epoch} model: validation error {100 * result.best_val_error:.2f} %, "

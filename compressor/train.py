@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
+from .atomic import atomic_path
 from .augment import check_shiftable, random_shift
 from .data import Dataset, Split
 from .errors import CompressError
 
 LR_SCHEDULES = ("plateau", "cosine", "constant")
+PRUNED_STATE = "pruned.pt"  # in the workdir: the training state when pruning stopped and fine-tuning began
 
 
 @dataclass
@@ -263,11 +266,11 @@ class Trainer:
         if self.plugin is not None and state.get("plugin") is not None:
             self.plugin.load_state_dict(state["plugin"])
 
-    def resume(self) -> bool:
-        """Continue from ``workdir/last.pt`` if it exists. Returns whether it did."""
+    def resume(self, name: str = "last.pt") -> bool:
+        """Continue from ``workdir/name`` if it exists. Returns whether it did."""
         if self.workdir is None:
-            raise CompressError("--resume needs a --workdir that holds last.pt")
-        path = self.workdir / "last.pt"
+            raise CompressError(f"--resume needs a --workdir that holds {name}")
+        path = self.workdir / name
         state, error = None, None
         if self.is_main and path.exists():  # rank 0 reads; the others get the state from it
             try:
@@ -284,6 +287,25 @@ class Trainer:
         self.load_state_dict(state)
         self.log(f"resumed from {path} at epoch {self.epoch}")
         return True
+
+    def finetune_again(self) -> None:
+        """Go back to the state pruning stopped in (``workdir/pruned.pt``, kept when a run's
+        fine-tuning began) and start the fine-tuning anew with the plugin's current settings;
+        ``fit()`` then runs it."""
+        before_stop = getattr(self.plugin, "before_stop", None)
+        if before_stop is None or not getattr(getattr(self.plugin, "config", None), "finetune_epochs", 0):
+            raise CompressError("fine-tuning again needs a pruning method and --finetune-epochs > 0")
+        if not self.resume(PRUNED_STATE):
+            raise CompressError(f"no {self.workdir / PRUNED_STATE}: only a run that reached its fine-tuning "
+                                "(--finetune-epochs) keeps the state pruning stopped in")
+        before_stop(self, "pruning had stopped")
+
+    def _keep_pruned_state(self) -> None:
+        """Copy ``last.pt``, which still holds the state pruning stopped in, for ``finetune_again``."""
+        if self.workdir is None or not self.is_main:
+            return
+        with atomic_path(self.workdir / PRUNED_STATE) as tmp:
+            shutil.copyfile(self.workdir / "last.pt", tmp)
 
     def _follow_main(self, reason: str | None = None, failure: Exception | None = None) -> str | None:
         """Distributed: give every rank rank 0's training state and stop decision (or its error)."""
@@ -367,7 +389,7 @@ class Trainer:
                 self.best_key = self._selection_key({"val_loss": val_loss, "val_error": val_err, "sparsity": 0.0})
                 self.best_epoch, self.best_state = 0, _copy_state(self.model)
             self._follow_main()
-        while self.epoch < cfg.epochs or self._finishing():
+        while self.epoch < cfg.epochs or self.finishing:
             epoch_start = time.perf_counter()
             train_loss, train_err = self._train_one_epoch()
             self.epoch += 1
@@ -429,17 +451,20 @@ class Trainer:
             checkpoint.save({"state_dict": self.best_state, "epoch": self.epoch}, self.workdir / "best.pt")
         self.log(format_epoch(metrics, cfg.epochs))
         reason = self.plugin.should_stop() if self.plugin is not None else None
-        if reason is None and not self._finishing():
+        if reason is None and not self.finishing:
             if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
                 reason = f"time budget of {cfg.max_seconds:.0f} s reached"
             elif self.epoch >= cfg.epochs:
                 reason = "epoch budget reached"
         before_stop = getattr(self.plugin, "before_stop", None)
-        if reason is not None and before_stop is not None and not self._finishing() and before_stop(self, reason):
+        if reason is not None and before_stop is not None and not self.finishing and before_stop(self, reason):
+            self._keep_pruned_state()
             return None
         return reason
 
-    def _finishing(self) -> bool:
+    @property
+    def finishing(self) -> bool:
+        """In the plugin's closing phase (fine-tuning), which runs past the epoch budget."""
         return self.plugin is not None and bool(getattr(self.plugin, "finishing", False))
 
 

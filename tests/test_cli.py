@@ -272,3 +272,30 @@ def test_export_skips_unread_input_features(dense_run: dict, run_cli, tmp_path: 
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model.eval()(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuning_resumes_past_the_epoch_budget_and_can_be_redone(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    base = ["lenet300", "--data", "digits", "--epochs", "2", "--momentum", "0.9", "--out", str(out), "-q"]
+    assert run_cli(*base, "--finetune-epochs", "3").code == 0
+    work = tmp_path / "m.work"
+    assert (work / "pruned.pt").exists()
+    # An interruption during fine-tuning: the last fine-tuning epoch was never saved. The epoch
+    # budget (2) is already spent, yet --resume must still finish the fine-tuning.
+    state = torch.load(work / "last.pt", weights_only=False)
+    state["epoch"], state["history"] = 4, state["history"][:4]
+    state["plugin"]["finetune_left"] = 1
+    torch.save(state, work / "last.pt")
+    res = run_cli(*base, "--finetune-epochs", "3", "--resume")
+    assert res.code == 0, res
+    history = json.loads(out.with_suffix(".report.json").read_text())["training"]["history"]
+    assert [(h["epoch"], bool(h.get("finetune"))) for h in history] == [(1, False), (2, False), (3, True), (4, True), (5, True)]
+
+    res = run_cli(*base, "--finetune-epochs", "2", "--finetune-lr", "0.02", "--finetune-schedule", "cosine", "--finetune-again")
+    assert res.code == 0, res
+    history = json.loads(out.with_suffix(".report.json").read_text())["training"]["history"]
+    assert [(h["epoch"], bool(h.get("finetune"))) for h in history] == [(1, False), (2, False), (3, True), (4, True)]
+    assert [h["lr"] for h in history[2:]] == pytest.approx([0.02, 0.01])
+
+    res = run_cli(*base, "--finetune-again", "--resume")
+    assert res.code == 2 and "choose one" in res.err

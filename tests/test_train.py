@@ -313,6 +313,56 @@ def test_cosine_finetuning_anneals_to_zero_and_survives_a_resume(synthetic, tmp_
     assert second.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_finetuning_again_starts_from_where_pruning_stopped(synthetic, tmp_path) -> None:
+    data = synthetic(n=96)
+    train = TrainConfig(epochs=3, lr=0.05, batch_size=16)
+
+    def trainer(**finetune) -> Trainer:
+        torch.manual_seed(0)
+        config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, stall_limit=1000, **finetune)
+        return Trainer(_mlp(data), data, train, plugin=make("lobster", config), progress=False, log=lambda s: None,
+                       workdir=tmp_path)
+
+    first = trainer(finetune_epochs=2, finetune_lr=0.01)
+    real = first.plugin.before_stop
+    seen = {}
+
+    def record(trainer, reason):  # the model and masks the first fine-tuning started from
+        started = real(trainer, reason)
+        seen["state"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        seen["masks"] = [m.clone() for _, _, m in trainer.plugin.masks]
+        return started
+
+    first.plugin.before_stop = record
+    first.fit()
+    assert len(first.history) == 5
+
+    again = trainer(finetune_epochs=3, finetune_lr=0.02, finetune_schedule="cosine")
+    again.finetune_again()
+    assert again.epoch == 3, "back to the last pruning epoch; none is run again"
+    state = again.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in seen["state"].items())
+    assert all(torch.equal(m, seen_m) for (_, _, m), seen_m in zip(again.plugin.masks, seen["masks"]))
+    again.fit()
+    assert [h["epoch"] for h in again.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["lr"] for h in again.history if h.get("finetune")] == pytest.approx([0.02, 0.015, 0.005])  # cosine over 3 epochs
+    for _, p, m in again.plugin.masks:
+        assert torch.all(p.detach()[~m] == 0)
+
+
+def test_finetuning_again_needs_a_kept_pruned_state(synthetic, tmp_path) -> None:
+    data = synthetic(n=96)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, finetune_epochs=2)
+    trainer = Trainer(_mlp(data), data, TrainConfig(epochs=2, lr=0.05, batch_size=16), plugin=make("lobster", config),
+                      progress=False, log=lambda s: None, workdir=tmp_path)
+    with pytest.raises(CompressError, match="pruned.pt: only a run that reached its fine-tuning"):
+        trainer.finetune_again()
+    no_finetuning = Trainer(_mlp(data), data, TrainConfig(epochs=2, lr=0.05, batch_size=16),
+                            plugin=make("lobster", PruningConfig()), progress=False, log=lambda s: None, workdir=tmp_path)
+    with pytest.raises(CompressError, match="--finetune-epochs > 0"):
+        no_finetuning.finetune_again()
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("finetune_schedule", "step", "--finetune-schedule must be one of plateau, cosine"),
     ("finetune_momentum", 1.0, "--finetune-momentum must be in"),
