@@ -191,6 +191,22 @@ def test_finetuning_trains_the_selected_model_with_its_zeros_fixed(budget: str, 
         assert torch.all(p.detach()[~m] == 0)
 
 
+def _interrupt_fit_when_finetune_left(trainer: Trainer, left: int) -> None:
+    """Run ``trainer.fit()`` and interrupt it (as Ctrl-C would) once ``left`` fine-tuning epochs remain."""
+    plugin = trainer.plugin
+    real = plugin.on_epoch_end
+
+    def stop_midway(trainer, metrics):
+        extra = real(trainer, metrics)
+        if plugin.finetune_left == left:
+            raise KeyboardInterrupt
+        return extra
+
+    plugin.on_epoch_end = stop_midway
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def test_finetuning_survives_a_resume(synthetic, tmp_path) -> None:
     data = synthetic(n=96)
     torch.manual_seed(0)
@@ -198,18 +214,7 @@ def test_finetuning_survives_a_resume(synthetic, tmp_path) -> None:
     first = Trainer(_mlp(data), data, TrainConfig(epochs=5, lr=0.05, batch_size=16), plugin=make("lobster", config),
                     progress=False, log=lambda s: None, workdir=tmp_path)
     # Interrupt after two fine-tuning epochs: a later process picks up with two to go.
-    plugin = first.plugin
-    real = plugin.on_epoch_end
-
-    def stop_midway(trainer, metrics):
-        extra = real(trainer, metrics)
-        if plugin.finetune_left == 2:
-            raise KeyboardInterrupt
-        return extra
-
-    plugin.on_epoch_end = stop_midway
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
+    _interrupt_fit_when_finetune_left(first, 2)
     second = Trainer(_mlp(data), data, TrainConfig(epochs=5, lr=0.05, batch_size=16), plugin=make("lobster", config),
                      progress=False, log=lambda s: None, workdir=tmp_path)
     assert second.resume()
@@ -291,18 +296,7 @@ def test_cosine_finetuning_anneals_to_zero_and_survives_a_resume(synthetic, tmp_
         return Trainer(_mlp(data), data, train, plugin=make("lobster", config), progress=False, log=lambda s: None,
                        workdir=tmp_path)
 
-    first = trainer()
-    plugin, real = first.plugin, first.plugin.on_epoch_end
-
-    def stop_midway(trainer, metrics):
-        extra = real(trainer, metrics)
-        if plugin.finetune_left == 2:
-            raise KeyboardInterrupt
-        return extra
-
-    plugin.on_epoch_end = stop_midway
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
+    _interrupt_fit_when_finetune_left(trainer(), 2)
     second = trainer()
     assert second.resume()
     second.fit()
