@@ -457,15 +457,18 @@ class Trainer:
             elif self.epoch >= cfg.epochs:
                 reason = "epoch budget reached"
         before_stop = getattr(self.plugin, "before_stop", None)
-        if reason is not None and before_stop is not None and not self.finishing and before_stop(self, reason):
+        closing = bool(getattr(self.plugin, "finishing", False))  # already fine-tuning: nothing to start
+        if reason is not None and before_stop is not None and not closing and before_stop(self, reason):
             self._keep_pruned_state()
             return None
         return reason
 
     @property
     def finishing(self) -> bool:
-        """In the plugin's closing phase (fine-tuning), which runs past the epoch budget."""
-        return self.plugin is not None and bool(getattr(self.plugin, "finishing", False))
+        """In the plugin's closing phase (fine-tuning), which runs past the epoch budget, with
+        epochs of it still to run (a resumed run whose fine-tuning is over has none)."""
+        return (self.plugin is not None and bool(getattr(self.plugin, "finishing", False))
+                and self.plugin.should_stop() is None)
 
 
 def _on_cpu(obj: Any) -> Any:

@@ -299,3 +299,12 @@ def test_fine_tuning_resumes_past_the_epoch_budget_and_can_be_redone(run_cli, tm
 
     res = run_cli(*base, "--finetune-again", "--resume")
     assert res.code == 2 and "choose one" in res.err
+
+
+def test_resuming_a_finished_fine_tuning_trains_nothing_more(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    base = ["lenet300", "--data", "digits", "--epochs", "2", "--finetune-epochs", "1", "--momentum", "0.9", "--out", str(out), "-q"]
+    assert run_cli(*base).code == 0
+    assert run_cli(*base, "--resume").code == 0
+    history = json.loads(out.with_suffix(".report.json").read_text())["training"]["history"]
+    assert [(h["epoch"], bool(h.get("finetune"))) for h in history] == [(1, False), (2, False), (3, True)]
