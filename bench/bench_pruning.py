@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: --lr / 10)")
     ap.add_argument("--finetune-momentum", type=float, default=None, help="fine-tuning momentum (default: --momentum)")
     ap.add_argument("--finetune-schedule", default="plateau", choices=FINETUNE_SCHEDULES, help="fine-tuning lr schedule")
+    ap.add_argument("--finetune-distill", type=float, default=0.0,
+                    help="fine-tuning loss share of matching the --init model's softened outputs (needs --init)")
+    ap.add_argument("--finetune-temperature", type=float, default=4.0, help="distillation temperature")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
     ap.add_argument("--width-multiple", type=int, default=1,
                     help="serene: also try to bring layer widths down to multiples of N at each plateau")
@@ -175,12 +178,15 @@ def main() -> None:
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_momentum=args.finetune_momentum, finetune_schedule=args.finetune_schedule,
+                              finetune_distill=args.finetune_distill, finetune_temperature=args.finetune_temperature,
                               neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity,
                               rank_per_mac=args.rank_per_mac, width_multiple=args.width_multiple)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"
-    plugin = make(args.method, prune_cfg, example_input=data.train.x[:2])
+    if args.finetune_distill > 0 and args.init is None:
+        sys.exit("--finetune-distill learns from the --init model: give --init")
+    plugin = make(args.method, prune_cfg, example_input=data.train.x[:2], teacher=model if args.init is not None else None)
     log = open(args.out_dir / f"{name}.log", "a" if args.resume else "w", buffering=1)
     trainer = Trainer(model, data, train_cfg, workdir=args.out_dir / f"{name}.work", plugin=plugin, progress=False,
                       log=lambda s: print(s, file=log))

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import distill
 from .errors import CompressError
 from .masks import Masks, prunable_parameters
 from .regularizers import LOBSTER, OutputSensitivity
@@ -76,6 +78,11 @@ class PruningConfig:
     # lr down to zero over the fine-tuning epochs, so that the last epochs, not a noisy one
     # among them, are what validation picks from.
     finetune_schedule: str = "plateau"
+    # Knowledge distillation while fine-tuning: the share of the loss given to matching the
+    # softened outputs of the model as it was before pruning (0: labels only), and the softening
+    # temperature. Needs that model to be trained (see compressor.distill).
+    finetune_distill: float = 0.0
+    finetune_temperature: float = 4.0
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -106,6 +113,9 @@ class PruningConfig:
             raise CompressError(f"--finetune-momentum must be in [0, 1), got {self.finetune_momentum}")
         if self.finetune_schedule not in FINETUNE_SCHEDULES:
             raise CompressError(f"--finetune-schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {self.finetune_schedule!r}")
+        distill.check_settings(self.finetune_distill, self.finetune_temperature)
+        if self.finetune_distill > 0 and self.finetune_epochs == 0:
+            raise CompressError("--finetune-distill acts during the fine-tuning: give --finetune-epochs too")
         if self.neuron_criterion not in NEURON_CRITERIA:
             raise CompressError(f"--neuron-criterion must be one of {', '.join(NEURON_CRITERIA)}, got {self.neuron_criterion!r}")
 
@@ -114,10 +124,17 @@ class ThresholdPruning:
     """Training plugin: shrink with a regularizer every step; prune at validation plateaus.
 
     ``example_input`` (one batch of inputs) is needed by ``serene`` to trace the model's
-    neurons."""
+    neurons; ``teacher`` (the trained model before pruning, of which a frozen copy is kept) by
+    ``finetune_distill``."""
 
-    def __init__(self, name: str, config: PruningConfig, example_input: torch.Tensor | None = None) -> None:
+    def __init__(self, name: str, config: PruningConfig, example_input: torch.Tensor | None = None,
+                 teacher: nn.Module | None = None) -> None:
         config.validate()
+        self.distiller: distill.Distiller | None = None
+        if config.finetune_distill > 0:
+            if teacher is None:
+                raise CompressError("--finetune-distill needs the trained model before pruning to learn from")
+            self.distiller = distill.Distiller(copy.deepcopy(teacher), config.finetune_distill, config.finetune_temperature)
         self.name = name
         self.config = config
         self.example_input = example_input
@@ -143,6 +160,8 @@ class ThresholdPruning:
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
+        if self.distiller is not None:
+            self.distiller.to(next(model.parameters()).device)
         named = prunable_parameters(model)
         self.masks = Masks(named)
         self.masks.update_from_zeros()  # entries already zero in a given checkpoint stay pruned
@@ -178,6 +197,12 @@ class ThresholdPruning:
             t0 = time.perf_counter()
             self.regularizer.observe(output)
             self.seconds += time.perf_counter() - t0
+
+    def training_loss(self, loss: torch.Tensor, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """While fine-tuning with distillation: the labels' loss blended with the teacher's."""
+        if self.finishing and self.distiller is not None:
+            return self.distiller.loss(loss, inputs, output)
+        return loss
 
     def after_step(self) -> None:
         t0 = time.perf_counter()
@@ -327,7 +352,9 @@ class ThresholdPruning:
         trainer.log(f"{reason}: fine-tuning the selected model (epoch {trainer.best_epoch}) for "
                     f"{self.config.finetune_epochs} epochs at lr {self.optimizer.param_groups[0]['lr']:.3g}, "
                     f"momentum {self.optimizer.param_groups[0].get('momentum', 0):.3g}"
-                    + (", cosine to 0" if self.config.finetune_schedule == "cosine" else ""))
+                    + (", cosine to 0" if self.config.finetune_schedule == "cosine" else "")
+                    + (f", distilling from the model before pruning (weight {self.distiller.weight:.3g}, "
+                       f"temperature {self.distiller.temperature:.3g})" if self.distiller is not None else ""))
         return True
 
     def _finetune_lr(self, trainer: Any) -> float:
@@ -391,10 +418,11 @@ def allowed_error_increase(requested: float | None, val_size: int) -> float:
     return max(0.005, 2.0 / val_size) if val_size else 0.005
 
 
-def make(method: str, config: PruningConfig | None = None, example_input: torch.Tensor | None = None) -> ThresholdPruning | None:
+def make(method: str, config: PruningConfig | None = None, example_input: torch.Tensor | None = None,
+         teacher: nn.Module | None = None) -> ThresholdPruning | None:
     """The training plugin for ``method`` (None for ``none``)."""
     if method == "none":
         return None
     if method in METHODS:
-        return ThresholdPruning(method, config or PruningConfig(), example_input)
+        return ThresholdPruning(method, config or PruningConfig(), example_input, teacher)
     raise CompressError(f"unknown method {method!r}; choose one of none, {', '.join(METHODS)}")

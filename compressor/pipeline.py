@@ -104,7 +104,13 @@ def _run(job: Job, log: Callable[[str], None]) -> dict[str, Any] | None:
         config.epochs = 0  # a trained model with nothing to do: export it as it is
 
     t0 = time.perf_counter()
-    plugin = make_method(job.method, job.pruning, example_input=data.train.x[:2])
+    teacher = None
+    if job.method != "none" and job.pruning.finetune_distill > 0:
+        if not loaded.trained:
+            raise CompressError(f"--finetune-distill learns from MODEL as given, but {job.model} is an untrained zoo "
+                                "model: give a trained checkpoint, or drop --finetune-distill")
+        teacher = loaded.model  # the plugin keeps a frozen copy of it, before any training
+    plugin = make_method(job.method, job.pruning, example_input=data.train.x[:2], teacher=teacher)
     trainer = Trainer(loaded.model, data, config, workdir=job.work_path(), plugin=plugin, progress=job.progress, log=log)
     result = None
     if job.finetune_again:

@@ -111,6 +111,10 @@ class TrainingPlugin(Protocol):
     def after_forward(self, output: torch.Tensor) -> None:
         """Runs before ``loss.backward()`` with the batch's logits (graph alive)."""
 
+    def training_loss(self, loss: torch.Tensor, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise for this batch, given the labels' cross-entropy ``loss`` (optional;
+        distillation blends in a teacher's outputs)."""
+
     def after_step(self) -> None:
         """Runs right after ``optimizer.step()``: the regularizer step and the masks."""
 
@@ -340,6 +344,7 @@ class Trainer:
         self.model.train()
         total_loss, correct, seen = 0.0, 0, 0
         batches = range(0, len(train), cfg.batch_size)
+        training_loss = getattr(self.plugin, "training_loss", None)
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress, unit="batch")
         for batch_index, start in enumerate(bar):
             idx = order[start : start + cfg.batch_size]
@@ -352,6 +357,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             output = self.net(x)
             loss = nn.functional.cross_entropy(output, y)
+            if training_loss is not None:
+                loss = training_loss(loss, x, output)
             # Agreed across ranks (a no-op alone), so every rank stops and none hangs.
             if not distributed.all_ranks(bool(torch.isfinite(loss)), self.device):
                 where = f"epoch {self.epoch + 1}, batch {batch_index + 1}"
