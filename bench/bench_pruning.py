@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--pwe", type=int, default=5)
     ap.add_argument("--twt", type=float, default=0.05)
     ap.add_argument("--max-error-increase", type=float, default=0.005)
+    ap.add_argument("--target-sparsity", type=float, default=None, help="stop pruning once this share of the prunable parameters is zero")
     ap.add_argument("--min-width", type=int, default=1)
     ap.add_argument("--prune-inputs", action="store_true", help="serene: input features are units too")
     ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity", "both"])
@@ -175,7 +176,7 @@ def main() -> None:
     train_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                             lr_schedule=args.lr_schedule, plateau_patience=args.lr_patience, seed=args.seed, shift=args.shift,
                             device="cpu", max_seconds=60 * args.minutes)
-    prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase,
+    prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase, target_sparsity=args.target_sparsity,
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_momentum=args.finetune_momentum, finetune_schedule=args.finetune_schedule,
                               finetune_distill=args.finetune_distill, finetune_temperature=args.finetune_temperature,
