@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+
+from exporters.sparse_onnx import _SLICE_ROWS, _sliced_ell  # noqa: E402
 
 N = 4096
 B = 32
 S = 0.99
-SLICE = 256
 
 
 def build(variant: str, w: np.ndarray, bias: np.ndarray):
@@ -45,23 +47,14 @@ def build(variant: str, w: np.ndarray, bias: np.ndarray):
         init("b", bias)
         op("Gemm", ["x", "w", "b"], "y")
     else:
-        counts = np.count_nonzero(w, axis=1)
-        order = np.argsort(-counts, kind="stable")
-        inv = np.argsort(order).astype(np.int64)
-        init("inv", inv)
+        layout = _sliced_ell(w)  # the exporter's own layout: sorted rows, padded per slice
+        inverse = layout.inverse if layout.inverse is not None else np.arange(N, dtype=np.int64)
+        init("inv", inverse)
         xt = op("Transpose", ["x"], "xt", perm=[1, 0])
         parts = []
-        for i, start in enumerate(range(0, N, SLICE)):
-            rows = order[start:start + SLICE]
-            block = w[rows]
-            width = int(counts[rows].max())
-            r, cols = np.nonzero(block)
-            starts = np.concatenate([[0], np.cumsum(counts[rows])[:-1]])
-            slot = np.arange(r.size) - starts[r]
-            idx = np.zeros((rows.size, width), np.int32)
-            vals = np.zeros((rows.size, width), np.float32)
-            idx[r, slot] = cols
-            vals[r, slot] = block[r, cols]
+        for i, (idx, vals3) in enumerate(layout.slices):
+            n_rows, _, width = vals3.shape
+            vals = vals3.reshape(n_rows, width)
             if variant == "cur":
                 g = op("Gather", [xt, init(f"i{i}", idx)], f"g{i}", axis=0)
                 parts.append(op("MatMul", [init(f"v{i}", vals.reshape(-1, 1, width)), g], f"d{i}"))
@@ -71,7 +64,7 @@ def build(variant: str, w: np.ndarray, bias: np.ndarray):
                 parts.append(op("ReduceSum", [p, init(f"a{i}", np.array([0], np.int64))], f"d{i}", keepdims=0))
             elif variant.startswith("chunk"):
                 c = int(variant[5:])
-                n = rows.size // c
+                n = n_rows // c
                 # rows (c per group) share one gathered block of c*width columns (block-diagonal values)
                 gi = idx.reshape(n, c * width)
                 gv = np.zeros((n, c, c * width), np.float32)
@@ -79,13 +72,9 @@ def build(variant: str, w: np.ndarray, bias: np.ndarray):
                     gv[:, j, j * width:(j + 1) * width] = vals.reshape(n, c, width)[:, j]
                 g = op("Gather", [xt, init(f"i{i}", gi)], f"g{i}", axis=0)  # [n, c*w, B]
                 parts.append(op("MatMul", [init(f"v{i}", gv), g], f"d{i}"))  # [n, c, B]
-        if variant == "kmajor":
-            cat = op("Concat", parts, "cat", axis=0)  # [N, B]
-            y = op("Gather", [cat, "inv"], "ys", axis=0)
-        else:
-            cat = op("Concat", parts, "cat", axis=0)
-            cat = op("Reshape", [cat, init("shp", np.array([N, -1], np.int64))], "cat2")
-            y = op("Gather", [cat, "inv"], "ys", axis=0)
+        cat = op("Concat", parts, "cat", axis=0)
+        cat = op("Reshape", [cat, init("shp", np.array([N, -1], np.int64))], "cat2")  # [N, B]
+        y = op("Gather", [cat, "inv"], "ys", axis=0)
         yt = op("Transpose", [y], "yt", perm=[1, 0])
         init("b", bias)
         op("Add", [yt, "b"], "y")
@@ -145,7 +134,7 @@ if __name__ == "__main__":
     rows = {v: {"round_medians_ms": res[v], "median_ms": float(np.median(res[v])), "max_abs_diff": diffs[v]} for v in variants}
     for v in variants:
         print(v, [round(t, 3) for t in res[v]], "median", round(rows[v]["median_ms"], 3))
-    result = {"size": N, "batch": B, "sparsity": S, "slice_rows": SLICE, "threads": 1, "variants": rows,
+    result = {"size": N, "batch": B, "sparsity": S, "slice_rows": _SLICE_ROWS, "threads": 1, "variants": rows,
               "machine": {"python": platform.python_version(), "onnxruntime": ort.__version__}}
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(result, indent=2))
