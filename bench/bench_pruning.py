@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--finetune-distill", type=float, default=0.0,
                     help="fine-tuning loss share of matching the --init model's softened outputs (needs --init)")
     ap.add_argument("--finetune-temperature", type=float, default=4.0, help="distillation temperature")
+    ap.add_argument("--prune-distill", type=float, default=0.0,
+                    help="the same distillation while pruning: the loss share of the --init model's outputs (needs --init)")
     ap.add_argument("--rank-per-mac", action="store_true", help="serene: criterion per MAC the neuron's removal saves")
     ap.add_argument("--width-multiple", type=int, default=1,
                     help="serene: also try to bring layer widths down to multiples of N at each plateau")
@@ -179,14 +181,14 @@ def main() -> None:
     prune_cfg = PruningConfig(lmbda=args.lmbda, pwe=args.pwe, twt=args.twt, max_error_increase=args.max_error_increase, target_sparsity=args.target_sparsity,
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_momentum=args.finetune_momentum, finetune_schedule=args.finetune_schedule,
-                              finetune_distill=args.finetune_distill, finetune_temperature=args.finetune_temperature,
+                              finetune_distill=args.finetune_distill, finetune_temperature=args.finetune_temperature, prune_distill=args.prune_distill,
                               neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity,
                               rank_per_mac=args.rank_per_mac, width_multiple=args.width_multiple)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{name}.json"
-    if args.finetune_distill > 0 and args.init is None:
-        sys.exit("--finetune-distill learns from the --init model: give --init")
+    if (args.finetune_distill > 0 or args.prune_distill > 0) and args.init is None:
+        sys.exit("--finetune-distill and --prune-distill learn from the --init model: give --init")
     plugin = make(args.method, prune_cfg, example_input=data.train.x[:2], teacher=model if args.init is not None else None)
     log = open(args.out_dir / f"{name}.log", "a" if args.resume else "w", buffering=1)
     trainer = Trainer(model, data, train_cfg, workdir=args.out_dir / f"{name}.work", plugin=plugin, progress=False,

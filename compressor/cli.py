@@ -116,7 +116,11 @@ def cli() -> None:
               help="Knowledge distillation while fine-tuning: this share of the loss (0-1) makes the pruned model "
                    "match the softened outputs of MODEL as given (which must be trained); 0: labels only.")
 @click.option("--finetune-temperature", type=float, default=4.0, show_default=True,
-              help="With --finetune-distill: the softmax temperature of the teacher's and the model's outputs.")
+              help="With --finetune-distill or --prune-distill: the softmax temperature of the teacher's and the "
+                   "model's outputs.")
+@click.option("--prune-distill", type=float, default=0.0, show_default=True, metavar="WEIGHT",
+              help="The same distillation while pruning: this share of the loss (0-1) goes to matching MODEL as "
+                   "given (which must be trained); the regularizer then reads the blended loss's gradient.")
 @click.option("--min-width", type=int, default=1, show_default=True, help="serene: neurons every layer keeps.")
 @click.option("--neuron-criterion", type=click.Choice(list(NEURON_CRITERIA)), default="norm", show_default=True,
               help="serene: prune the neurons with the smallest parameter norm, the smallest sensitivity (favours "
@@ -155,7 +159,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                 val_fraction: float, device: str, workdir: Path | None, resume: bool, finetune_again: bool, report_path: Path | None,
                 save_checkpoint: Path | None, baseline_report: Path | None, allow_unsafe_pickle: bool, lmbda: float, pwe: int, twt: float,
                 max_error_increase: float | None, target_sparsity: float | None, exact_sensitivity: bool,
-                anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, finetune_lr: float | None, finetune_momentum: float | None, finetune_schedule: str, finetune_distill: float, finetune_temperature: float, min_width: int, neuron_criterion: str, rank_per_mac: bool, width_multiple: int, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
+                anneals: int | None, anneal_after: int, stall_limit: int, finetune_epochs: int, finetune_lr: float | None, finetune_momentum: float | None, finetune_schedule: str, finetune_distill: float, finetune_temperature: float, prune_distill: float, min_width: int, neuron_criterion: str, rank_per_mac: bool, width_multiple: int, rescale_sensitivity: bool, keep_inputs: bool, no_physical_removal: bool, round_channels: int, fuse_bn: bool,
                 encoding: str, runtime_sparse: bool, opset: int, quiet: bool) -> None:
     """Train or prune MODEL (a zoo name or a checkpoint file), export OUT.onnx and its report."""
     if resume and finetune_again:
@@ -168,7 +172,7 @@ def run_command(ctx: click.Context, model: str, method: str, data_spec: str, out
                             target_sparsity=target_sparsity, exact=exact_sensitivity,
                             anneals=recipe.get("anneals", 0) if anneals is None else anneals,
                             anneal_after=anneal_after, stall_limit=stall_limit, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, finetune_momentum=finetune_momentum, finetune_schedule=finetune_schedule,
-                            finetune_distill=finetune_distill, finetune_temperature=finetune_temperature, min_width=min_width, neuron_criterion=neuron_criterion, rank_per_mac=rank_per_mac,
+                            finetune_distill=finetune_distill, finetune_temperature=finetune_temperature, prune_distill=prune_distill, min_width=min_width, neuron_criterion=neuron_criterion, rank_per_mac=rank_per_mac,
                             width_multiple=width_multiple, rescale_sensitivity=rescale_sensitivity,
                             prune_inputs=not keep_inputs)
     config = TrainConfig(

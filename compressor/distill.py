@@ -51,11 +51,14 @@ class Distiller:
         self.teacher.to(device)
         return self
 
-    def loss(self, hard_loss: torch.Tensor, inputs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    def loss(self, hard_loss: torch.Tensor, inputs: torch.Tensor, student_logits: torch.Tensor,
+             weight: float | None = None) -> torch.Tensor:
+        """The blended loss; ``weight`` overrides the teacher's share given at construction."""
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
         if teacher_logits.shape != student_logits.shape:
             raise CompressError(f"distillation: the teacher's outputs have shape {tuple(teacher_logits.shape)}, the "
                                 f"model's {tuple(student_logits.shape)}; the teacher must be the model that was pruned")
         soft = distillation_loss(student_logits, teacher_logits, self.temperature)
-        return (1 - self.weight) * hard_loss + self.weight * soft
+        w = self.weight if weight is None else weight
+        return (1 - w) * hard_loss + w * soft

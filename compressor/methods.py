@@ -83,6 +83,9 @@ class PruningConfig:
     # temperature. Needs that model to be trained (see compressor.distill).
     finetune_distill: float = 0.0
     finetune_temperature: float = 4.0
+    # The same distillation while pruning (0: off): the regularizer then reads the gradient of
+    # the blended loss, so the shrinking spares what the teacher's outputs need as well.
+    prune_distill: float = 0.0
 
     def validate(self) -> None:
         if self.lmbda < 0:
@@ -114,6 +117,8 @@ class PruningConfig:
         if self.finetune_schedule not in FINETUNE_SCHEDULES:
             raise CompressError(f"--finetune-schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {self.finetune_schedule!r}")
         distill.check_settings(self.finetune_distill, self.finetune_temperature)
+        if not 0 <= self.prune_distill <= 1:
+            raise CompressError(f"--prune-distill must be in [0, 1] (the teacher's share of the loss), got {self.prune_distill}")
         if self.finetune_distill > 0 and self.finetune_epochs == 0:
             raise CompressError("--finetune-distill acts during the fine-tuning: give --finetune-epochs too")
         if self.neuron_criterion not in NEURON_CRITERIA:
@@ -125,15 +130,16 @@ class ThresholdPruning:
 
     ``example_input`` (one batch of inputs) is needed by ``serene`` to trace the model's
     neurons; ``teacher`` (the trained model before pruning, of which a frozen copy is kept) by
-    ``finetune_distill``."""
+    ``finetune_distill`` and ``prune_distill``."""
 
     def __init__(self, name: str, config: PruningConfig, example_input: torch.Tensor | None = None,
                  teacher: nn.Module | None = None) -> None:
         config.validate()
         self.distiller: distill.Distiller | None = None
-        if config.finetune_distill > 0:
+        if config.finetune_distill > 0 or config.prune_distill > 0:
             if teacher is None:
-                raise CompressError("--finetune-distill needs the trained model before pruning to learn from")
+                raise CompressError("distillation (--finetune-distill, --prune-distill) needs the trained model "
+                                    "before pruning to learn from")
             self.distiller = distill.Distiller(copy.deepcopy(teacher), config.finetune_distill, config.finetune_temperature)
         self.name = name
         self.config = config
@@ -199,9 +205,10 @@ class ThresholdPruning:
             self.seconds += time.perf_counter() - t0
 
     def training_loss(self, loss: torch.Tensor, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """While fine-tuning with distillation: the labels' loss blended with the teacher's."""
-        if self.finishing and self.distiller is not None:
-            return self.distiller.loss(loss, inputs, output)
+        """With distillation in the current phase: the labels' loss blended with the teacher's."""
+        weight = self.config.finetune_distill if self.finishing else self.config.prune_distill
+        if self.distiller is not None and weight > 0:
+            return self.distiller.loss(loss, inputs, output, weight=weight)
         return loss
 
     def after_step(self) -> None:
@@ -353,8 +360,8 @@ class ThresholdPruning:
                     f"{self.config.finetune_epochs} epochs at lr {self.optimizer.param_groups[0]['lr']:.3g}, "
                     f"momentum {self.optimizer.param_groups[0].get('momentum', 0):.3g}"
                     + (", cosine to 0" if self.config.finetune_schedule == "cosine" else "")
-                    + (f", distilling from the model before pruning (weight {self.distiller.weight:.3g}, "
-                       f"temperature {self.distiller.temperature:.3g})" if self.distiller is not None else ""))
+                    + (f", distilling from the model before pruning (weight {self.config.finetune_distill:.3g}, "
+                       f"temperature {self.distiller.temperature:.3g})" if self.config.finetune_distill > 0 else ""))
         return True
 
     def _finetune_lr(self, trainer: Any) -> float:

@@ -105,10 +105,12 @@ def _run(job: Job, log: Callable[[str], None]) -> dict[str, Any] | None:
 
     t0 = time.perf_counter()
     teacher = None
-    if job.method != "none" and job.pruning.finetune_distill > 0:
+    distilling = [flag for flag, weight in (("--finetune-distill", job.pruning.finetune_distill),
+                                            ("--prune-distill", job.pruning.prune_distill)) if weight > 0]
+    if job.method != "none" and distilling:
         if not loaded.trained:
-            raise CompressError(f"--finetune-distill learns from MODEL as given, but {job.model} is an untrained zoo "
-                                "model: give a trained checkpoint, or drop --finetune-distill")
+            raise CompressError(f"{distilling[0]} learns from MODEL as given, but {job.model} is an untrained zoo "
+                                f"model: give a trained checkpoint, or drop {' and '.join(distilling)}")
         teacher = loaded.model  # the plugin keeps a frozen copy of it, before any training
     plugin = make_method(job.method, job.pruning, example_input=data.train.x[:2], teacher=teacher)
     trainer = Trainer(loaded.model, data, config, workdir=job.work_path(), plugin=plugin, progress=job.progress, log=log)

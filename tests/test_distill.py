@@ -168,3 +168,65 @@ def test_cli_distills_from_a_trained_checkpoint(run_cli, tmp_path) -> None:
     settings = report["method"]["settings"]
     assert settings["finetune_distill"] == 0.5 and settings["finetune_temperature"] == 3.0
     assert sum(1 for h in report["training"]["history"] if h.get("finetune")) == 2
+
+
+@pytest.mark.parametrize(("prune_weight", "finetune_weight", "teacher_runs_in"), [
+    (0.5, 0.0, "pruning"),
+    (0.5, 0.5, "both"),
+    (0.0, 0.5, "finetuning"),
+], ids=["prune-only", "both-phases", "finetune-only"])
+def test_distillation_runs_in_the_phases_it_is_asked_for(synthetic, tmp_path, prune_weight: float,
+                                                          finetune_weight: float, teacher_runs_in: str) -> None:
+    data = synthetic(n=96)
+    torch.manual_seed(0)
+    model = models.build("lenet300", data.input_shape, data.num_classes)
+    config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, stall_limit=1000, finetune_epochs=2,
+                           finetune_distill=finetune_weight, prune_distill=prune_weight)
+    plugin = make("lobster", config, teacher=model)
+    calls: list[bool] = []
+    plugin.distiller.teacher.register_forward_hook(lambda *_: calls.append(plugin.finishing))
+    trainer = Trainer(model, data, TrainConfig(epochs=3, lr=0.05, batch_size=16), plugin=plugin, progress=False,
+                      log=lambda s: None, workdir=tmp_path)
+    trainer.fit()
+    batches = math.ceil(len(data.train) / 16)
+    expected = {"pruning": [False] * (3 * batches), "finetuning": [True] * (2 * batches)}
+    expected["both"] = expected["pruning"] + expected["finetuning"]
+    assert calls == expected[teacher_runs_in]
+
+
+def test_distilling_while_pruning_changes_what_the_regularizer_reads(synthetic, tmp_path) -> None:
+    """The regularizer shrinks by the gradient of the loss the step used: blended, the run differs
+    from the labels-only run from the first epoch on."""
+    data = synthetic(n=96)
+    runs = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = models.build("lenet300", data.input_shape, data.num_classes)
+        teacher = models.build("lenet300", data.input_shape, data.num_classes)
+        config = PruningConfig(pwe=1, twt=0.5, max_error_increase=0.2, lmbda=1e-2, stall_limit=1000, prune_distill=weight)
+        trainer = Trainer(model, data, TrainConfig(epochs=1, lr=0.05, batch_size=16),
+                          plugin=make("lobster", config, teacher=teacher), progress=False, log=lambda s: None,
+                          workdir=tmp_path / str(weight))
+        trainer.fit()
+        runs[weight] = model.state_dict()["fc1.weight"]
+    assert not torch.equal(runs[0.0], runs[0.5])
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan")], ids=["negative", "above-one", "nan"])
+def test_bad_prune_distill_weights_are_refused(weight: float) -> None:
+    with pytest.raises(CompressError, match=r"--prune-distill must be in \[0, 1\]"):
+        PruningConfig(prune_distill=weight).validate()
+
+
+def test_distilling_while_pruning_needs_a_teacher() -> None:
+    with pytest.raises(CompressError, match="needs the trained model before pruning"):
+        make("lobster", PruningConfig(prune_distill=0.5))
+
+
+def test_cli_refuses_to_distill_while_pruning_from_an_untrained_model(run_cli, tmp_path) -> None:
+    out = tmp_path / "m.onnx"
+    res = run_cli("lenet300", "--method", "lobster", "--data", "digits", "--epochs", "1", "--prune-distill", "0.5",
+                  "--out", str(out), "-q")
+    assert res.code != 0 and "--prune-distill learns from MODEL as given" in res.err
+    assert "drop --prune-distill" in res.err
+    assert not out.exists()
