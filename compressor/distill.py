@@ -17,9 +17,13 @@ from torch.nn import functional as F
 from .errors import CompressError
 
 
-def check_settings(weight: float, temperature: float) -> None:
+def check_weight(weight: float, flag: str = "--finetune-distill") -> None:
     if not 0 <= weight <= 1:
-        raise CompressError(f"--finetune-distill must be in [0, 1] (the teacher's share of the loss), got {weight}")
+        raise CompressError(f"{flag} must be in [0, 1] (the teacher's share of the loss), got {weight}")
+
+
+def check_settings(weight: float, temperature: float) -> None:
+    check_weight(weight)
     if not (0 < temperature < math.inf):
         raise CompressError(f"--finetune-temperature must be a positive number, got {temperature}")
 

@@ -117,8 +117,7 @@ class PruningConfig:
         if self.finetune_schedule not in FINETUNE_SCHEDULES:
             raise CompressError(f"--finetune-schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {self.finetune_schedule!r}")
         distill.check_settings(self.finetune_distill, self.finetune_temperature)
-        if not 0 <= self.prune_distill <= 1:
-            raise CompressError(f"--prune-distill must be in [0, 1] (the teacher's share of the loss), got {self.prune_distill}")
+        distill.check_weight(self.prune_distill, "--prune-distill")
         if self.finetune_distill > 0 and self.finetune_epochs == 0:
             raise CompressError("--finetune-distill acts during the fine-tuning: give --finetune-epochs too")
         if self.neuron_criterion not in NEURON_CRITERIA:
