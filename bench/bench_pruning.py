@@ -101,14 +101,20 @@ def redeploy(args: argparse.Namespace) -> None:
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     path = args.out_dir / f"{name}.json"
     record = json.loads(path.read_text())
-    data = load_dataset(args.data, seed=record["train_config"]["seed"])
+    data = load_dataset(args.data, seed=record.get("split_seed", record["train_config"]["seed"]))
     model = models.build(args.arch, data.input_shape, data.num_classes)
     best = checkpoint.load_safely(args.out_dir / f"{name}.work" / "best.pt")
     model.load_state_dict(best["state_dict"])
     assert best["epoch"] == record["selected_epoch"], "best.pt is not the selected model"
     record["deployment"] = deployment(args.arch, model, data)
-    path.write_text(json.dumps(record, indent=1))
+    _write_json(path, record)
     print(f"{name}: deployment metrics added to {path}")
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)  # atomic: an interrupted write leaves the earlier result, not half a file
 
 
 def main() -> None:
@@ -150,7 +156,10 @@ def main() -> None:
     ap.add_argument("--anneal-after", type=int, default=2, help="fruitless plateaus in a row before each anneal")
     ap.add_argument("--stall-limit", type=int, default=5, help="stop after this many plateaus in a row that prune nothing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs share the 2-core machine)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="validation split; keep 0 with an --init from bench/results/baselines, whose training "
+                         "held out that split (another would put its training images in the validation set)")
     ap.add_argument("--shift", type=int, default=0, help="augment training images by random shifts of up to N pixels")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "pruning")
@@ -170,7 +179,7 @@ def main() -> None:
             setattr(args, key, value)
 
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.data, seed=args.seed)
+    data = load_dataset(args.data, seed=args.split_seed)
     torch.manual_seed(args.seed)
     model = models.build(args.arch, data.input_shape, data.num_classes)
     if args.init is not None:
@@ -235,6 +244,7 @@ def main() -> None:
         "train_config": asdict(train_cfg),
         "pruning_config": asdict(prune_cfg),
         "init": str(args.init) if args.init else "scratch",
+        "split_seed": args.split_seed,
         "wall_seconds": wall,
         "epochs_run": trainer.epoch,
         "stopped_because": result.stopped_because,
@@ -255,7 +265,7 @@ def main() -> None:
         "history": result.history,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    out.write_text(json.dumps(record, indent=1))
+    _write_json(out, record)
     dep = record["deployment"]
     print(f"{name}: {100 * record['selected']['pruned_fraction']:.3f} % pruned ({record['selected']['compression']:.1f}x), "
           f"test error {100 * test_err:.2f} %, {wall / 60:.1f} min; after removal {dep['params_after_removal']:,} params, "
@@ -264,4 +274,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("bench_pruning: interrupted; the workdir keeps the last finished epoch: "
+                 "rerun the same command with --resume to continue")
