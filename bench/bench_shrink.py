@@ -8,10 +8,10 @@ dense and shrunk runs interleaved so that load from other processes hits both al
 
 The issue's target: the batch-64 latency ratio (shrunk / dense) within 20 % of the MACs ratio,
 i.e. 0.8 <= latency_ratio / macs_ratio <= 1.2. Each model is shrunk twice, exactly and with
-``round_to`` (widths kept at multiples of 8, onnxruntime's NCHWc block on AVX2), and the three
-sessions are timed interleaved.
+``round_to`` (widths kept at multiples of 8 and of 16: onnxruntime's NCHWc block is 8 channels
+with AVX2 and 16 with AVX-512), and the sessions are timed interleaved.
 
-    python bench/bench_shrink.py [--models vgg16 resnet32] [--round-to 8] [--out bench/results/shrink.json]
+    python bench/bench_shrink.py [--models vgg16 resnet32] [--round-to 8 16] [--out bench/results/shrink.json]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession
     return ort.InferenceSession(prog.model_proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def bench_model(name: str, seed: int, round_to: int) -> dict:
+def bench_model(name: str, seed: int, round_to: list[int]) -> list[dict]:
     shape = ZOO[name]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -107,7 +107,7 @@ def bench_model(name: str, seed: int, round_to: int) -> dict:
     randomize_bn(dense, shape, gen)
     example = torch.randn(2, *shape, generator=gen)
     zeroed = zero_channels(dense, example, 0.5, gen)
-    variants = {"shrunk": 1, f"shrunk, widths rounded to {round_to}": round_to} if round_to > 1 else {"shrunk": 1}
+    variants = {"shrunk": 1} | {f"shrunk, widths rounded to {r}": r for r in round_to if r > 1}
     results, seconds, sessions = {}, {}, [to_session(dense, shape)]
     for label, multiple in variants.items():
         t0 = time.perf_counter()
@@ -153,6 +153,14 @@ def bench_model(name: str, seed: int, round_to: int) -> dict:
     return rows
 
 
+def _has_avx512f() -> bool | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return None  # not Linux: unknown
+
+
 def print_table(rows: list[dict]) -> None:
     head = ("model", "variant", "params dense", "params shrunk", "MACs ratio", "lat ratio b1", "lat ratio b64",
             "b64 ms dense->shrunk", "b64 within 20%")
@@ -176,8 +184,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--round-to", type=int, default=8,
-                    help="also time shrink(round_to=N), widths rounded up to multiples of N (1: exact removal only)")
+    ap.add_argument("--round-to", type=int, nargs="+", default=[8, 16],
+                    help="also time shrink(round_to=N) for each N, widths rounded up to multiples of N "
+                         "(1: exact removal only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "shrink.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -196,7 +205,7 @@ def main() -> None:
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "ort_threads": 1, "load_average_at_end": os.getloadavg(),
+            "ort_threads": 1, "load_average_at_end": os.getloadavg(), "avx512f": _has_avx512f(),
         },
         "timing": "median of interleaved runs; ms per batch; ratio = shrunk / dense",
         "models": rows,

@@ -362,17 +362,31 @@ def single_thread_session(model_bytes: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def interleaved_latency(sessions: list[ort.InferenceSession], x: np.ndarray, *, warmup: int = 5, runs: int = 50) -> list[float]:
-    """Median seconds per run of each session; runs are interleaved so that machine noise
-    hits every session alike."""
+def interleaved_latency(
+    sessions: list[ort.InferenceSession], x: np.ndarray, *, warmup: int = 5, runs: int = 50, rounds: int = 5
+) -> list[float]:
+    """Median seconds per run of each session, over ``runs`` timed runs each.
+
+    Each session is timed in blocks of consecutive runs, after one untimed run, so that its data
+    is in the caches as when it serves alone; the blocks alternate between the sessions over
+    ``rounds`` rounds in a rotating order, so that machine noise hits every session alike and no
+    session always follows the same other one. (Alternating single runs instead would charge
+    whichever session follows the largest one for reloading the caches it evicted.)
+    """
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     for _ in range(warmup):
         for s, f in zip(sessions, feeds):
             s.run(None, f)
+    rounds = max(1, min(rounds, runs))
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
-            t0 = time.perf_counter()
+    for r in range(rounds):
+        block = runs // rounds + (1 if r < runs % rounds else 0)
+        for k in range(len(sessions)):
+            i = (k + r) % len(sessions)
+            s, f = sessions[i], feeds[i]
             s.run(None, f)
-            times[i].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
