@@ -4,12 +4,13 @@ For every zoo model: random BatchNorm statistics, then 50 % of the channels of e
 group zeroed (random; groups from `channel_groups`, so residual adds, depthwise convs and the
 logits layer are respected), then `shrink`. Both the zeroed dense model and the shrunk one are
 exported to ONNX (in memory) and timed in ONNX Runtime on one thread, at batch 1 and batch 64,
-dense and shrunk runs interleaved so that load from other processes hits both alike.
+dense and shrunk sessions alternating so that load from other processes hits both alike.
 
 The issue's target: the batch-64 latency ratio (shrunk / dense) within 20 % of the MACs ratio,
-i.e. 0.8 <= latency_ratio / macs_ratio <= 1.2. Each model is shrunk twice, exactly and with
+i.e. 0.8 <= latency_ratio / macs_ratio <= 1.2. Each model is shrunk exactly and with each
 ``round_to`` (widths kept at multiples of 8 and of 16: onnxruntime's NCHWc block is 8 channels
-with AVX2 and 16 with AVX-512), and the sessions are timed interleaved.
+with AVX2 and 16 with AVX-512), and the sessions are timed in rotating blocks of consecutive
+runs (``interleaved_latency``).
 
     python bench/bench_shrink.py [--models vgg16 resnet32] [--round-to 8 16] [--out bench/results/shrink.json]
 """
@@ -207,7 +208,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "ort_threads": 1, "load_average_at_end": os.getloadavg(), "avx512f": _has_avx512f(),
         },
-        "timing": "median of interleaved runs; ms per batch; ratio = shrunk / dense",
+        "timing": "median over rotating blocks of consecutive runs; ms per batch; ratio = shrunk / dense",
         "models": rows,
     }
     tmp = args.out.with_suffix(".json.tmp")
