@@ -77,7 +77,7 @@ def build(variant: str, w: np.ndarray, bias: np.ndarray):
         init("b", bias)
         op("Gemm", ["x", "w", "b"], "y")
     else:
-        # the exporter's own layout: sorted rows, padded per slice
+        # the exporter's layout (sorted rows, padded per slice), or padmin's cutting of the same rows
         layout = _padmin_layout(w, int(variant[6:])) if variant.startswith("padmin") else _sliced_ell(w)
         inverse = layout.inverse if layout.inverse is not None else np.arange(N, dtype=np.int64)
         init("inv", inverse)
