@@ -15,3 +15,7 @@ done
 # A longer LeNet-300 baseline (40 epochs, same recipe) for the pruning runs tagged "dense40".
 compress lenet300 --method none --data "mnist:$MNIST" --epochs 40 -q \
   --out "$out/lenet300-dense40.onnx" --save-checkpoint "$out/lenet300-dense40.pt" 2> "$out/lenet300-dense40.log"
+# A LeNet-5 baseline trained with augmentation (random shifts of up to 2 pixels), 20 epochs: the
+# starting point and teacher of the pruning runs tagged "shift2t".
+compress lenet5 --method none --data "mnist:$MNIST" --epochs 20 --shift 2 -q \
+  --out "$out/lenet5-dense-shift2.onnx" --save-checkpoint "$out/lenet5-dense-shift2.pt" 2> "$out/lenet5-dense-shift2.log"
