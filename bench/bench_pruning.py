@@ -82,6 +82,8 @@ def deployment(arch: str, model: torch.nn.Module, data) -> dict:
         "macs_dense": count_macs(dense, data.input_shape),
         "macs_after_removal": count_macs(small, data.input_shape),
         "test_error_after_removal": test_err,
+        # the deployed file itself, run in onnxruntime on the test set
+        "onnx_test_error": 1.0 - onnx_export.accuracy(sessions[1], data.test.x, data.test.y),
         "onnx_bytes_dense": len(dense_proto.SerializeToString()),
         "onnx_bytes_removed": len(small_proto.SerializeToString()),
         "onnx_bytes_compact": len(compact_proto.SerializeToString()),
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--min-width", type=int, default=1)
     ap.add_argument("--prune-inputs", action="store_true", help="serene: input features are units too")
     ap.add_argument("--neuron-criterion", default="norm", choices=["norm", "sensitivity", "both"])
+    ap.add_argument("--exact-sensitivity", action="store_true",
+                    help="sensitivity/serene: exact per-class output sensitivity (C backward passes) instead of the one-pass bound")
     ap.add_argument("--finetune-epochs", type=int, default=0,
                     help="after pruning stops (or --minutes is up): epochs of fine-tuning, masks fixed")
     ap.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: --lr / 10)")
@@ -191,7 +195,7 @@ def main() -> None:
                               min_width=args.min_width, anneals=args.anneals, anneal_after=args.anneal_after, stall_limit=args.stall_limit, prune_inputs=args.prune_inputs,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_momentum=args.finetune_momentum, finetune_schedule=args.finetune_schedule,
                               finetune_distill=args.finetune_distill, finetune_temperature=args.finetune_temperature, prune_distill=args.prune_distill,
-                              neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity,
+                              neuron_criterion=args.neuron_criterion, rescale_sensitivity=args.rescale_sensitivity, exact=args.exact_sensitivity,
                               rank_per_mac=args.rank_per_mac, width_multiple=args.width_multiple)
     name = f"{args.arch}-{args.method}" + (f"-{args.tag}" if args.tag else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
