@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import models  # noqa: E402
-from compressor import checkpoint  # noqa: E402
+from compressor import atomic, checkpoint  # noqa: E402
 from compressor.data import load_dataset  # noqa: E402
 from compressor.masks import prunable_parameters  # noqa: E402
 from compressor.regularizers import LOBSTER, OutputSensitivity, SensitivityRegularizer  # noqa: E402
@@ -41,8 +41,9 @@ def sensitivities(reg: SensitivityRegularizer, model: nn.Module, x: torch.Tensor
     model.zero_grad(set_to_none=True)
     out = model(x)
     if isinstance(reg, OutputSensitivity):
-        reg.observe(out)
-    nn.functional.cross_entropy(out, y).backward()
+        reg.observe(out)  # its own backward passes; the loss gradient is LOBSTER's only
+    else:
+        nn.functional.cross_entropy(out, y).backward()
     parts = [(reg.sensitivity(name, p), p) for name, p in prunable_parameters(model)]
     return torch.cat([s.detach()[p.detach() != 0] for s, p in parts if s is not None]).numpy()
 
@@ -86,9 +87,7 @@ def main() -> None:
         print(f"{name:18s} median S {v['quantiles']['0.5']:.2e}, 99.9 % {v['quantiles']['0.999']:.2e}, max {v['quantiles']['1.0']:.2e}; "
               f"relaxed >1 %: {100 * v['share_relaxed_over_1pct']:.2f} %, >10 %: {100 * v['share_relaxed_over_10pct']:.3f} %, "
               f"spared: {100 * v['share_spared']:.3f} %")
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    atomic.write_text(args.out, json.dumps(result, indent=1))
     print(f"-> {args.out}")
 
 
