@@ -57,7 +57,7 @@ def main() -> None:
             f"{d.get('onnx_bytes_dense', 0):,} -> {d.get('onnx_bytes_compact', 0):,} | "
             f"{lat.get('batch1', {}).get('speedup', float('nan')):.2f}x / {lat.get('batch64', {}).get('speedup', float('nan')):.2f}x | {rounded} |"
         )
-    lines += ["", *equal_epochs_table(runs)]
+    lines += ["", *equal_epochs_table(runs), "", *matched_error_table(runs)]
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     for arch in sorted({r["arch"] for r in runs}):
@@ -91,6 +91,38 @@ def equal_epochs_table(runs: list[dict]) -> list[str]:
                              f"{100 * h['test_error']:.2f} % |")
     return lines
 
+
+def sparsest_within(history: list[dict], epoch: int, cap: float) -> dict | None:
+    """The sparsest of the first ``epoch`` epochs whose test error is at most ``cap``.
+
+    A reading of the error-vs-weights curve at a matched test error, for comparing methods;
+    not a way to select a model (that is done on validation)."""
+    within = [h for h in history if h["epoch"] <= epoch and h["test_error"] <= cap + 1e-12]
+    return max(within, key=lambda h: h.get("sparsity", 0.0)) if within else None
+
+
+def matched_error_table(runs: list[dict]) -> list[str]:
+    """Compression of each run of a matched comparison at equal test error, per cap."""
+    lines = []
+    for (arch, prefix), (epochs, caps) in MATCHED_ERROR.items():
+        same = sorted((r for r in runs if r["arch"] == arch and r["tag"].startswith(prefix)),
+                      key=lambda r: (r["method"], r["tag"]))
+        if not same:
+            continue
+        lines += [f"{arch} runs tagged {prefix}*: the sparsest of the first {epochs} epochs at a test error within each cap",
+                  "", "| method | tag | epochs run | " + " | ".join(f"<= {100 * c:.2f} %" for c in caps) + " |",
+                  "|---|---|---:|" + "---:|" * len(caps)]
+        for r in same:
+            cells = []
+            for cap in caps:
+                h = sparsest_within(r["history"], epochs, cap)
+                cells.append("-" if h is None else f"{1 / max(1 - h.get('sparsity', 0.0), 1e-12):.1f}x (ep {h['epoch']})")
+            lines.append(f"| {r['method']} | {r['tag']} | {r['epochs_run']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# Matched-error comparisons: (arch, tag prefix) -> (epochs read, test-error caps).
+MATCHED_ERROR = {("lenet5", "shift2t-pkd05-mei006"): (39, (0.0060, 0.0065, 0.0070, 0.0075, 0.0080))}
 
 # The runs that compare the unstructured methods under one schedule and budget, per architecture.
 COMPARED = ("lobster", "sensitivity", "magnitude")
