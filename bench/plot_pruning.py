@@ -5,7 +5,8 @@ Reads every ``bench/results/pruning/*.json`` written by ``bench_pruning.py`` and
 same schedule and budget) and ``<arch>-all.png`` (every run). For each run,
 the curve has one point per compression level reached: the epoch with the best validation
 error at that level, at its test error (as the LOBSTER authors log it). The table row is the
-model the run selected on validation.
+model the run selected on validation; the matched comparisons (``MATCHED_ERROR``) are also read
+at equal epochs and at a matched test error.
 
     python bench/plot_pruning.py
 """
@@ -92,6 +93,11 @@ def equal_epochs_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def compression(h: dict) -> float:
+    """Parameters per non-zero parameter at one epoch of a run's history."""
+    return 1 / max(1 - h.get("sparsity", 0.0), 1e-12)
+
+
 def sparsest_within(history: list[dict], epoch: int, cap: float) -> dict | None:
     """The sparsest of the first ``epoch`` epochs whose test error is at most ``cap``.
 
@@ -116,10 +122,10 @@ def matched_error_table(runs: list[dict]) -> list[str]:
             for r in same:
                 chosen = selected_by(r["history"], epochs) if r["epochs_run"] >= epochs else None
                 cells = ["-" if chosen is None else
-                         f"{1 / max(1 - chosen.get('sparsity', 0.0), 1e-12):.1f}x at {100 * chosen['test_error']:.2f} %"]
+                         f"{compression(chosen):.1f}x at {100 * chosen['test_error']:.2f} %"]
                 for cap in caps:
                     h = sparsest_within(r["history"], epochs, cap) if r["epochs_run"] >= epochs else None
-                    cells.append("-" if h is None else f"{1 / max(1 - h.get('sparsity', 0.0), 1e-12):.1f}x (ep {h['epoch']})")
+                    cells.append("-" if h is None else f"{compression(h):.1f}x (ep {h['epoch']})")
                 lines.append(f"| {r['method']} | {r['tag']} | {r['epochs_run']} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines
