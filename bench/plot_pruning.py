@@ -88,7 +88,7 @@ def equal_epochs_table(runs: list[dict]) -> list[str]:
             h = selected_by(r["history"], epochs)
             if h is not None:
                 sp = h.get("sparsity", 0.0)
-                lines.append(f"| {arch} | {epochs} | {r['method']} | {100 * sp:.2f} % | {1 / max(1 - sp, 1e-12):.1f}x | "
+                lines.append(f"| {arch} | {epochs} | {r['method']} | {100 * sp:.2f} % | {compression(h):.1f}x | "
                              f"{100 * h['test_error']:.2f} % |")
     return lines
 
@@ -120,12 +120,14 @@ def matched_error_table(runs: list[dict]) -> list[str]:
                       + " | ".join(f"test <= {100 * c:.2f} %" for c in caps) + " |",
                       "|---|---|---:|---:|" + "---:|" * len(caps)]
             for r in same:
-                chosen = selected_by(r["history"], epochs) if r["epochs_run"] >= epochs else None
-                cells = ["-" if chosen is None else
-                         f"{compression(chosen):.1f}x at {100 * chosen['test_error']:.2f} %"]
-                for cap in caps:
-                    h = sparsest_within(r["history"], epochs, cap) if r["epochs_run"] >= epochs else None
-                    cells.append("-" if h is None else f"{compression(h):.1f}x (ep {h['epoch']})")
+                if r["epochs_run"] < epochs:  # a run that stopped earlier has no reading at this count
+                    cells = ["-"] * (1 + len(caps))
+                else:
+                    chosen = selected_by(r["history"], epochs)
+                    cells = ["-" if chosen is None else f"{compression(chosen):.1f}x at {100 * chosen['test_error']:.2f} %"]
+                    for cap in caps:
+                        h = sparsest_within(r["history"], epochs, cap)
+                        cells.append("-" if h is None else f"{compression(h):.1f}x (ep {h['epoch']})")
                 lines.append(f"| {r['method']} | {r['tag']} | {r['epochs_run']} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines
