@@ -59,7 +59,7 @@ def main() -> None:
             f"{d.get('onnx_bytes_dense', 0):,} -> {d.get('onnx_bytes_compact', 0):,} | "
             f"{lat.get('batch1', {}).get('speedup', float('nan')):.2f}x / {lat.get('batch64', {}).get('speedup', float('nan')):.2f}x | {rounded} |"
         )
-    lines += ["", *equal_epochs_table(runs), "", *matched_error_table(runs)]
+    lines += ["", *equal_epochs_table(runs), "", *matched_error_table(runs), *seed_means_table(runs)]
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     for arch in sorted({r["arch"] for r in runs}):
@@ -140,6 +140,42 @@ MATCHED_ERROR = {
     ("lenet300", "|exact"): ((143,), (0.0180, 0.0190, 0.0200, 0.0210)),
     ("lenet5", "shift2t-pkd05-mei006.*"): ((23, 39, 45), (0.0060, 0.0065, 0.0070, 0.0075, 0.0080)),
 }
+
+# Seeds of one setting, averaged at a matched test error: label -> (arch, method, regular
+# expression the whole tag matches). LeNet-5 from the --shift 2 baseline, row 6's settings.
+SEED_GROUPS = {
+    "output sensitivity, lambda 3e-4": ("lenet5", "sensitivity", r"shift2t-pkd05-mei006-l3e4(-s\d)?-(48m|45e)"),
+    "magnitude": ("lenet5", "magnitude", r"shift2t-pkd05-mei006(-s\d)?-(48m|45e)"),
+    "magnitude, --weight-decay 6e-3": ("lenet5", "magnitude", r"shift2t-pkd05-mei006-wd6e3(-s\d)?-(48m|45e)"),
+}
+SEED_MEANS_AT = {"lenet5": ((39, 45), (0.0065, 0.0070, 0.0075, 0.0080))}
+
+
+def seed_means_table(runs: list[dict]) -> list[str]:
+    """Per setting of ``SEED_GROUPS``: mean (min-max) over its seeds of the sparsest epoch within
+    each test-error cap, among the first N epochs; a seed whose run stopped earlier is left out."""
+    lines = []
+    for arch, (epoch_counts, caps) in SEED_MEANS_AT.items():
+        for epochs in epoch_counts:
+            rows = []
+            for label, (group_arch, method, tags) in SEED_GROUPS.items():
+                seeds = [r for r in runs if r["arch"] == group_arch == arch and r["method"] == method
+                         and re.fullmatch(tags, r["tag"]) and r["epochs_run"] >= epochs]
+                if not seeds:
+                    continue
+                cells = []
+                for cap in caps:
+                    got = [sparsest_within(r["history"], epochs, cap) for r in seeds]
+                    values = [compression(h) if h is not None else 1.0 for h in got]
+                    cells.append(f"{sum(values) / len(values):.1f}x ({min(values):.1f}-{max(values):.1f})")
+                rows.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + " |")
+            if rows:
+                lines += [f"{arch}, first {epochs} epochs: mean (min-max) over seeds of the sparsest epoch within each "
+                          "test-error cap (no epoch within a cap counts as 1x)", "",
+                          "| setting | seeds | " + " | ".join(f"test <= {100 * c:.2f} %" for c in caps) + " |",
+                          "|---|---:|" + "---:|" * len(caps), *rows, ""]
+    return lines
+
 
 # The runs that compare the unstructured methods under one schedule and budget, per architecture.
 COMPARED = ("lobster", "sensitivity", "magnitude")
