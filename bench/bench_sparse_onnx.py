@@ -1,6 +1,6 @@
 """Compact ONNX for unstructured sparsity: file sizes per encoding, and runtime-sparse Linear speed/memory.
 
-    python bench/bench_sparse_onnx.py [--out bench/results/sparse_onnx.json] [--seed 0]
+    python bench/bench_sparse_onnx.py [--out bench/results/sparse_onnx.json] [--seed 0] [--threads 1] [--runtime-only]
 
 1. File size of a single exported Linear layer (784->300 and 4096->4096, no bias) with an i.i.d.
    random mask at each sparsity, per encoding of ``exporters.sparse_onnx.compact``, against the
@@ -10,7 +10,7 @@
    to fold in onnxruntime and to reproduce the dense output exactly (every 784x300 row; 4096x4096 at
    95 and 99 %).
 2. ``runtime_sparse_linear`` vs dense on a 4096->4096 Linear (with bias): onnxruntime latency
-   (one thread, median) at batch 1 and 32, and resident memory after session creation (VmRSS delta
+   (``--threads``, default one, median) at batch 1 and 32, and resident memory after session creation (VmRSS delta
    and VmHWM from /proc/self/status), every configuration in a fresh subprocess. Dense and sparse
    processes alternate for ``ROUNDS`` rounds and the latency is the median of the rounds' medians,
    so that a slow spell of the machine does not land on one side only. (Running the two sessions
@@ -60,13 +60,13 @@ def _status_kib() -> dict[str, int]:
     return out
 
 
-def child(path: str, batches: list[int], in_features: int) -> dict:
+def child(path: str, batches: list[int], in_features: int, threads: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
     before = _status_kib()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     t0 = time.perf_counter()
@@ -98,9 +98,9 @@ def child(path: str, batches: list[int], in_features: int) -> dict:
     }
 
 
-def _run_child(path: Path, batches: tuple[int, ...], in_features: int) -> dict:
+def _run_child(path: Path, batches: tuple[int, ...], in_features: int, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--batches", ",".join(map(str, batches)),
-           "--in-features", str(in_features)]
+           "--in-features", str(in_features), "--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child failed for {path.name}: {done.stderr.strip()[-500:]}")
@@ -198,7 +198,7 @@ def sizes(seed: int) -> list[dict]:
     return rows
 
 
-def runtime(seed: int) -> list[dict]:
+def runtime(seed: int, threads: int) -> list[dict]:
     import numpy as np
     import onnx
     from onnx import helper, TensorProto
@@ -222,7 +222,7 @@ def runtime(seed: int) -> list[dict]:
         )
         trivial.ir_version = 9
         onnx.save(trivial, tmpdir / "trivial.onnx")
-        baseline = _run_child(tmpdir / "trivial.onnx", BATCHES, n)
+        baseline = _run_child(tmpdir / "trivial.onnx", BATCHES, n, threads)
         rows.append({"sparsity": None, "kind": "trivial (Identity)", "weight_bytes": 0, **baseline})
         for s in RUNTIME_SPARSITIES:
             w = np.where(u < s, np.float32(0), values)
@@ -240,7 +240,7 @@ def runtime(seed: int) -> list[dict]:
             rounds: dict[str, list[dict]] = {kind: [] for kind, _ in kinds}
             for _ in range(ROUNDS):
                 for kind, _ in kinds:
-                    rounds[kind].append(_run_child(paths[kind], BATCHES, n))
+                    rounds[kind].append(_run_child(paths[kind], BATCHES, n, threads))
             for kind, proto in kinds:
                 path = paths[kind]
                 weight_bytes = sum(
@@ -334,28 +334,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "sparse_onnx.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for the runtime timings")
+    ap.add_argument("--runtime-only", action="store_true", help="skip the file-size part")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--batches", default="1,32", help=argparse.SUPPRESS)
     ap.add_argument("--in-features", type=int, default=RUNTIME_SIZE, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, [int(b) for b in args.batches.split(",")], args.in_features)))
+        print(json.dumps(child(args.child, [int(b) for b in args.batches.split(",")], args.in_features, args.threads)))
         return
 
     from exporters.report import versions
 
     t0 = time.perf_counter()
-    size_rows = sizes(args.seed)
-    runtime_rows = runtime(args.seed)
+    if args.threads < 1:
+        ap.error("--threads must be at least 1")
+    size_rows = [] if args.runtime_only else sizes(args.seed)
+    runtime_rows = runtime(args.seed, args.threads)
     total_s = time.perf_counter() - t0
-    print("\n## File size per encoding (single Linear layer, no bias, i.i.d. random mask, fp32)\n")
-    print_sizes(size_rows)
-    print("\n## Runtime-sparse vs dense, 4096x4096 Linear with bias, onnxruntime 1 thread, fresh process each\n")
+    if size_rows:
+        print("\n## File size per encoding (single Linear layer, no bias, i.i.d. random mask, fp32)\n")
+        print_sizes(size_rows)
+    print(f"\n## Runtime-sparse vs dense, 4096x4096 Linear with bias, onnxruntime {args.threads} thread(s), fresh process each\n")
     print_runtime(runtime_rows)
     print_summary(size_rows, runtime_rows)
     meta = {
         "seed": args.seed, "dtype": "float32", "mask": "i.i.d. uniform", "versions": versions(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "ort_threads": 1, "time_budget_per_timing_s": TIME_BUDGET_S, "latency_rounds": ROUNDS,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "ort_threads": args.threads, "time_budget_per_timing_s": TIME_BUDGET_S, "latency_rounds": ROUNDS,
         "note": "shared, noisy 2-core VM: only ratios of about 2x or more are meaningful",
         "bench_wall_s": round(total_s, 1),
     }
