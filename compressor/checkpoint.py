@@ -8,6 +8,7 @@ the same kind of file under ``workdir/``.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -23,12 +24,16 @@ CHECKPOINT_FORMAT = "compress-checkpoint/1"
 
 
 def save(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Save ``obj`` with ``torch.save``, atomically."""
+    """Save ``obj`` with ``torch.save``, atomically.
+
+    The pickle is built in memory and written with a plain file write: torch's own writer
+    reports a full disk as an opaque ``RuntimeError``, a plain write as ``ENOSPC``, which
+    :func:`atomic_path` turns into a clear message.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as exc:  # torch reports write failures (e.g. a full disk) this way
-            raise CompressError(f"cannot write {path} ({_first_line(exc)}); check free disk space and permissions") from exc
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def save_model(

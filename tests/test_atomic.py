@@ -43,14 +43,24 @@ def test_disk_full_is_a_clear_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_checkpoint_write_failure_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing_save(obj, f, *args, **kwargs):
-        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+def test_checkpoint_on_a_full_disk_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(self: Path, data) -> int:
+        with open(self, "wb") as handle:
+            handle.write(bytes(data)[:10])  # part of it lands, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(CompressError, match="disk space"):
-        checkpoint.save({"a": torch.zeros(1)}, tmp_path / "c.pt")
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(CompressError, match="disk is full"):
+        checkpoint.save({"a": torch.zeros(1000)}, tmp_path / "c.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    state = {"a": torch.arange(5.0), "epoch": 3}
+    checkpoint.save(state, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert back["epoch"] == 3 and torch.equal(back["a"], state["a"])
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
 @pytest.mark.parametrize(
