@@ -151,10 +151,9 @@ SEED_GROUPS = {
 SEED_MEANS_AT = {"lenet5": ((39, 45), (0.0065, 0.0070, 0.0075, 0.0080))}
 
 
-def _mean_range(values: list[float], fmt: str) -> str:
-    """``mean (min-max)``, each number written with ``fmt`` (its unit after the mean only)."""
-    number = fmt.replace("{:", "{0:").split("}")[0] + "}"
-    return f"{fmt.format(sum(values) / len(values))} ({number.format(min(values))}-{number.format(max(values))})"
+def _mean_range(values: list[float], digits: int, unit: str) -> str:
+    """``mean<unit> (min-max)``, e.g. ``72.4x (59.2-83.3)``."""
+    return f"{sum(values) / len(values):.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def seed_means_table(runs: list[dict]) -> list[str]:
@@ -172,12 +171,12 @@ def seed_means_table(runs: list[dict]) -> list[str]:
                     continue
                 picked = [selected_by(r["history"], epochs) for r in seeds]
                 picked = [h for h in picked if h is not None]
-                cells = [_mean_range([compression(h) for h in picked], "{:.1f}x") + " at "
-                         + _mean_range([100 * h["test_error"] for h in picked], "{:.2f} %")] if picked else ["-"]
+                cells = [_mean_range([compression(h) for h in picked], 1, "x") + " at "
+                         + _mean_range([100 * h["test_error"] for h in picked], 2, " %")] if picked else ["-"]
                 for cap in caps:
                     got = [sparsest_within(r["history"], epochs, cap) for r in seeds]
                     values = [compression(h) if h is not None else 1.0 for h in got]
-                    cells.append(_mean_range(values, "{:.1f}x"))
+                    cells.append(_mean_range(values, 1, "x"))
                 rows.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + " |")
             if rows:
                 lines += [f"{arch}, first {epochs} epochs: mean (min-max) over seeds of the model selected on validation "
