@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from compressor.shrink import channel_groups, shrink  # noqa: E402
+from bench._machine import cpu_description  # noqa: E402
 from exporters.footprint import count_macs, interleaved_latency  # noqa: E402
 
 MNIST = (1, 28, 28)
@@ -154,14 +155,6 @@ def bench_model(name: str, seed: int, round_to: list[int]) -> list[dict]:
     return rows
 
 
-def _has_avx512f() -> bool | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return None  # not Linux: unknown
-
-
 def print_table(rows: list[dict]) -> None:
     head = ("model", "variant", "params dense", "params shrunk", "MACs ratio", "lat ratio b1", "lat ratio b64",
             "b64 ms dense->shrunk", "b64 within 20%")
@@ -205,8 +198,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "ort_threads": 1, "load_average_at_end": os.getloadavg(), "avx512f": _has_avx512f(),
+            **cpu_description(), "cpu_count": os.cpu_count(),
+            "ort_threads": 1, "load_average_at_end": os.getloadavg(),
         },
         "timing": "median over rotating blocks of consecutive runs; ms per batch; ratio = shrunk / dense",
         "models": rows,

@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
+from bench._machine import cpu_description  # noqa: E402
+
 SIZE_SHAPES = [(784, 300), (4096, 4096)]  # (in_features, out_features)
 SIZE_SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995]
 SIZE_ENCODINGS = ("dense", "bitmask", "csr", "rel", "relb", "coo", "auto")
@@ -360,7 +362,7 @@ def main() -> None:
     print_summary(size_rows, runtime_rows)
     meta = {
         "seed": args.seed, "dtype": "float32", "mask": "i.i.d. uniform", "versions": versions(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "ort_threads": args.threads, "time_budget_per_timing_s": TIME_BUDGET_S, "latency_rounds": ROUNDS,
+        "machine": platform.machine(), **cpu_description(), "cpus": os.cpu_count(), "ort_threads": args.threads, "time_budget_per_timing_s": TIME_BUDGET_S, "latency_rounds": ROUNDS,
         "note": "shared, noisy 2-core VM: only ratios of about 2x or more are meaningful",
         "bench_wall_s": round(total_s, 1),
     }
