@@ -6,20 +6,18 @@ import platform
 
 def cpu_description() -> dict[str, object]:
     """Model name and the vector extensions that decide onnxruntime's kernels; None where unknown."""
-    model, flags = None, None
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key == "flags" and flags is None:
-                    flags = set(value.split())
-    except OSError:
-        pass  # not Linux
+            lines = f.read().splitlines()
+    except OSError:  # not Linux: the model falls back to platform's word, the flags are unknown
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's entry
+    flags = set(fields["flags"].split()) if "flags" in fields else None
     return {
-        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpu_model": fields.get("model name") or platform.processor() or platform.machine(),
         "avx2": None if flags is None else "avx2" in flags,
         "avx512f": None if flags is None else "avx512f" in flags,
     }
