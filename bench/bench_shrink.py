@@ -86,19 +86,29 @@ def zero_channels(model: nn.Module, example: torch.Tensor, frac: float, gen: tor
     return zeroed
 
 
-def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession:
+def onnx_model_bytes(model: nn.Module, shape: tuple[int, ...]) -> bytes:
+    """The model as exported for deployment: dynamo exporter, opset 18, dynamic batch."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             model, (torch.randn(2, *shape),), dynamo=True, external_data=False, opset_version=18,
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
         )
+    return prog.model_proto.SerializeToString()
+
+
+def session_options() -> ort.SessionOptions:
+    """One thread, sequential: the setting every latency here is measured in."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    return ort.InferenceSession(prog.model_proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return opts
+
+
+def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession:
+    return ort.InferenceSession(onnx_model_bytes(model, shape), session_options(), providers=["CPUExecutionProvider"])
 
 
 def bench_model(name: str, seed: int, round_to: list[int]) -> list[dict]:
