@@ -111,14 +111,21 @@ def to_session(model: nn.Module, shape: tuple[int, ...]) -> ort.InferenceSession
     return ort.InferenceSession(onnx_model_bytes(model, shape), session_options(), providers=["CPUExecutionProvider"])
 
 
-def bench_model(name: str, seed: int, round_to: list[int]) -> list[dict]:
+def zeroed_zoo_model(name: str, seed: int) -> tuple[nn.Module, torch.Tensor, int, torch.Generator]:
+    """A zoo model with random BN statistics and half of every coupled group zeroed; also the
+    example input for `shrink`, how many channels were zeroed and the generator, to go on with."""
     shape = ZOO[name]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dense = models.build(name, shape, 10)
     randomize_bn(dense, shape, gen)
     example = torch.randn(2, *shape, generator=gen)
-    zeroed = zero_channels(dense, example, 0.5, gen)
+    return dense, example, zero_channels(dense, example, 0.5, gen), gen
+
+
+def bench_model(name: str, seed: int, round_to: list[int]) -> list[dict]:
+    shape = ZOO[name]
+    dense, example, zeroed, gen = zeroed_zoo_model(name, seed)
     variants = {"shrunk": 1} | {f"shrunk, widths rounded to {r}": r for r in round_to if r > 1}
     results, seconds, sessions = {}, {}, [to_session(dense, shape)]
     for label, multiple in variants.items():

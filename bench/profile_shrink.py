@@ -43,9 +43,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402
 from bench._machine import cpu_description  # noqa: E402
-from bench.bench_shrink import ZOO, onnx_model_bytes, randomize_bn, session_options, zero_channels  # noqa: E402
+from bench.bench_shrink import ZOO, onnx_model_bytes, session_options, zeroed_zoo_model  # noqa: E402
 from compressor import atomic  # noqa: E402
 from compressor.shrink import shrink  # noqa: E402
 
@@ -124,12 +123,7 @@ def profile(onnx_bytes: bytes, x: np.ndarray, workdir: str, tag: str) -> tuple[d
 
 def analyse(name: str, seed: int, round_to: list[int], workdir: str) -> list[dict]:
     shape = ZOO[name]
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    dense = models.build(name, shape, 10)
-    randomize_bn(dense, shape, gen)
-    example = torch.randn(2, *shape, generator=gen)
-    zero_channels(dense, example, 0.5, gen)
+    dense, example, _, _ = zeroed_zoo_model(name, seed)
     x = np.random.default_rng(seed).standard_normal((BATCH, *shape)).astype(np.float32)
     dense_prof, dense_run = profile(onnx_model_bytes(dense, shape), x, workdir, f"{name}-dense")
     dense_macs = torch_macs_by_group(dense, shape)
