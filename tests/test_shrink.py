@@ -763,6 +763,25 @@ def test_unsupported_op_names_node() -> None:
     assert isinstance(info.value, CompressError) and "\n" not in str(info.value)
 
 
+def test_pipeline_exports_the_pruned_model_when_shrink_cannot_and_says_why() -> None:
+    from conftest import make_dataset
+    from compressor.pipeline import remove_dead_neurons
+
+    model = Permute()
+    with torch.no_grad():
+        model.conv.weight[1] = 0
+        model.conv.bias[1] = 0
+    before = copy.deepcopy(model.state_dict())
+    logged: list[str] = []
+    out, removal = remove_dead_neurons(model, make_dataset(n=8, shape=(3, 4, 4)), enabled=True, fuse_bn=False,
+                                       log=logged.append)
+    assert out is model and removal["applied"] is False
+    assert "'.permute()' at fx node 'permute'" in removal["reason"]
+    assert len(logged) == 1 and logged[0].startswith("physical removal skipped: ")
+    for name, value in before.items():  # the zeros are exported as they are, nothing else changed
+        torch.testing.assert_close(out.state_dict()[name], value, rtol=0, atol=0)
+
+
 def test_bad_example_input() -> None:
     with pytest.raises(CompressError, match="does not fit"):
         shrink(TwoLinear(), torch.randn(2, 7))
